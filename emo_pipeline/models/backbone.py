@@ -1,0 +1,295 @@
+"""The EMO backbone denoiser (arXiv 2402.17485, section 3.2): diffusers' `UNetMotionModel` with EMO's conditioning.
+
+* attn1 of every spatial transformer block: reference attention (`ReferenceAttnProcessor`);
+* attn2: audio cross-attention; its context is `audio_proj(audio_features)`, per-frame tokens `(B*F, T, 768)`
+  in place of SD's text tokens (same width, so SD's attn2 weights are the initialisation);
+* temporal layers: AnimateDiff motion modules that also see the motion frames and cross-attend to head speed
+  (`EMOTemporalTransformer3D`);
+* face locator features added to the `conv_in` output.
+
+Per-call conditioning travels in a `ForwardContext` scoped to one `forward` call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from diffusers import ModelMixin, MotionAdapter, UNet2DConditionModel, UNetMotionModel
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D, UNetMotionOutput
+
+from emo_pipeline.errors import EMOInputError
+from emo_pipeline.models.attention import (
+    ForwardContext,
+    ReferenceAttnProcessor,
+    ReferenceFeatures,
+    broadcast_batch,
+    checkpoint_with_context,
+    current_context,
+    forward_context,
+)
+from emo_pipeline.models.audio_projection import AudioProjection
+from emo_pipeline.models.face_locator import FaceLocator
+from emo_pipeline.models.speed import SpeedEncoder
+from emo_pipeline.models.temporal import EMOTemporalTransformer3D
+from emo_pipeline.models.utils import extend_init_signature, quiet_diffusers, to_like
+
+__all__ = ["EMOUNet3DConditionModel", "ModelMixin"]
+
+# Parameter groups the training stages select by name (see configs/train/*.yaml and emo_pipeline.config).
+PARAMETER_GROUPS: dict[str, Callable[[str], bool]] = {
+    "audio": lambda n: n.startswith("audio_proj.") or (".attn2." in n and "motion_modules" not in n),
+    "face_locator": lambda n: n.startswith("face_locator."),
+    "speed": lambda n: n.startswith("speed_encoder.") or ".speed_" in n,
+    "temporal": lambda n: "motion_modules." in n and ".speed_" not in n,
+}
+
+
+def parameter_group(name: str) -> str:
+    """The group a backbone parameter belongs to: audio, face_locator, speed, temporal or spatial (the rest)."""
+    return next((group for group, test in PARAMETER_GROUPS.items() if test(name)), "spatial")
+
+
+class EMOUNet3DConditionModel(UNetMotionModel):
+    """EMO backbone. Build it from an SD1.5 UNet with `from_unet2d`; load a saved one with `from_pretrained`."""
+
+    def __init__(
+        self,
+        *args,
+        audio_projection_config: dict | None = None,
+        face_locator_config: dict | None = None,
+        speed_encoder_config: dict | None = None,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        audio_projection_config = {"output_dim": self.config.cross_attention_dim, **(audio_projection_config or {})}
+        face_locator_config = {"out_channels": self.config.block_out_channels[0], **(face_locator_config or {})}
+        speed_encoder_config = dict(speed_encoder_config or {})
+        self.audio_proj = AudioProjection(**audio_projection_config)
+        self.face_locator = FaceLocator(**face_locator_config)
+        self.speed_encoder = SpeedEncoder(**speed_encoder_config)
+        if self.audio_proj.config.output_dim != self.config.cross_attention_dim:
+            raise ValueError(
+                f"audio_projection_config output_dim ({self.audio_proj.config.output_dim}) must equal the UNet's "
+                f"cross_attention_dim ({self.config.cross_attention_dim})"
+            )
+        # Record the resolved sub-configs so save_pretrained/from_pretrained rebuild exactly this model.
+        self.register_to_config(
+            audio_projection_config=_public(self.audio_proj.config),
+            face_locator_config=_public(self.face_locator.config),
+            speed_encoder_config=_public(self.speed_encoder.config),
+        )
+        speed_dim = self.speed_encoder.config.embed_dim
+        for name, module in list(self.named_modules()):
+            if isinstance(module, AnimateDiffTransformer3D) and not isinstance(module, EMOTemporalTransformer3D):
+                EMOTemporalTransformer3D.from_animatediff(module, name, speed_dim)
+        self._set_reference_processors(use_xformers=False)
+        self.conv_in.register_forward_hook(_add_face_features)
+
+    __init__.__signature__ = extend_init_signature(
+        UNetMotionModel.__init__, audio_projection_config=None, face_locator_config=None, speed_encoder_config=None
+    )
+    __init__ = register_to_config(__init__)
+
+    # ----------------------------------------------------------------------------------------------- construction
+
+    @classmethod
+    def from_unet2d(
+        cls,
+        unet: UNet2DConditionModel,
+        motion_adapter: MotionAdapter | None = None,
+        load_weights: bool = True,
+        **emo_config: Any,
+    ) -> EMOUNet3DConditionModel:
+        """Backbone with SD1.5 spatial weights and, if given, AnimateDiff temporal weights.
+
+        `emo_config`: `audio_projection_config`, `face_locator_config`, `speed_encoder_config` (dicts of the
+        sub-models' fields) and any `UNetMotionModel` field such as `motion_max_seq_length`. Without a motion
+        adapter the temporal layers' output projections are zero-initialised (diffusers does not do it), so the
+        untrained backbone reproduces SD1.5 frame by frame.
+        """
+        with quiet_diffusers():  # it warns about casting to the dtype the weights already have
+            base = UNetMotionModel.from_unet2d(unet, motion_adapter=motion_adapter, load_weights=load_weights)
+        config = {k: v for k, v in base.config.items() if not k.startswith("_")}
+        config.update(emo_config)
+        model = cls.from_config(config)
+        if load_weights:
+            model._load_base_state_dict(base.state_dict())
+        if motion_adapter is None:
+            for module in model.temporal_layers.values():
+                torch.nn.init.zeros_(module.proj_out.weight)
+                torch.nn.init.zeros_(module.proj_out.bias)
+        return to_like(model, unet)
+
+    def _load_base_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        # Sinusoid tables are not weights: each model computes its own, sized by its motion_max_seq_length.
+        state_dict = {k: v for k, v in state_dict.items() if not k.endswith("pos_embed.pe")}
+        missing, unexpected = self.load_state_dict(state_dict, strict=False)
+        unexpected_missing = [
+            k for k in missing if parameter_group(k) not in ("audio", "face_locator", "speed") and "pos_embed" not in k
+        ]
+        if unexpected or unexpected_missing:
+            raise ValueError(f"weights do not fit the backbone: missing {unexpected_missing}, unexpected {unexpected}")
+
+    def load_motion_adapter(self, motion_adapter: MotionAdapter) -> None:
+        """Copy AnimateDiff temporal weights into the temporal layers (the speed branches are left as they are)."""
+        adapter_state = {k: v for k, v in motion_adapter.state_dict().items() if ".motion_modules." in k}
+        own = {k for k in self.state_dict() if "motion_modules." in k and ".speed_" not in k}
+        missing, extra = sorted(own - set(adapter_state)), sorted(set(adapter_state) - own)
+        if missing or extra:
+            raise ValueError(
+                f"motion adapter does not fit the backbone: {len(missing)} temporal weights missing "
+                f"(e.g. {missing[:3]}), {len(extra)} unexpected (e.g. {extra[:3]})"
+            )
+        self.load_state_dict(adapter_state, strict=False)
+
+    @property
+    def temporal_layers(self) -> dict[str, EMOTemporalTransformer3D]:
+        return {n: m for n, m in self.named_modules() if isinstance(m, EMOTemporalTransformer3D)}
+
+    @property
+    def reference_layer_names(self) -> list[str]:
+        """attn1 modules that take reference tokens."""
+        return [
+            n.removesuffix(".processor")
+            for n in self.attn_processors
+            if n.endswith("attn1.processor") and "motion_modules" not in n
+        ]
+
+    def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
+        """Parameters by training group: spatial, audio, temporal, speed, face_locator."""
+        groups: dict[str, list[torch.nn.Parameter]] = {}
+        for name, parameter in self.named_parameters():
+            groups.setdefault(parameter_group(name), []).append(parameter)
+        return groups
+
+    # ------------------------------------------------------------------------------------- attention backends
+
+    def _set_reference_processors(self, use_xformers: bool) -> None:
+        processors = {}
+        for name, processor in self.attn_processors.items():
+            if name.endswith("attn1.processor") and "motion_modules" not in name:
+                processors[name] = ReferenceAttnProcessor(name.removesuffix(".processor"), use_xformers=use_xformers)
+            else:
+                processors[name] = processor
+        self.set_attn_processor(processors)
+
+    def set_default_attn_processor(self) -> None:
+        super().set_default_attn_processor()
+        self._set_reference_processors(use_xformers=False)
+
+    def enable_xformers_memory_efficient_attention(self, attention_op: Callable | None = None) -> None:
+        super().enable_xformers_memory_efficient_attention(attention_op)
+        self._set_reference_processors(use_xformers=True)
+
+    def disable_xformers_memory_efficient_attention(self) -> None:
+        super().disable_xformers_memory_efficient_attention()
+        self._set_reference_processors(use_xformers=False)
+
+    def enable_gradient_checkpointing(self, gradient_checkpointing_func: Callable | None = None) -> None:
+        """diffusers' gradient checkpointing, with the recomputation inside this call's conditioning context."""
+        super().enable_gradient_checkpointing(checkpoint_with_context(gradient_checkpointing_func))
+
+    # ---------------------------------------------------------------------------------------------- forward
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        audio_features: torch.Tensor,
+        reference_features: ReferenceFeatures | None = None,
+        face_mask: torch.Tensor | None = None,
+        speed: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> UNetMotionOutput | tuple[torch.Tensor]:
+        """Predict noise for a clip.
+
+        Args:
+            sample: `(B, 4, F, h, w)` noisy latents of the clip's F frames.
+            timestep: scalar or `(B,)`.
+            audio_features: `(B, F, 2m+1, L, D)` windowed wav2vec2 features; zeros mean "no audio".
+            reference_features: from the ReferenceNet: reference tokens (`spatial`) and/or the motion frames'
+                features (`temporal`, n frames).
+            face_mask: `(B, 1, H, W)` in [0, 1] at pixel resolution (H = h * the face locator's factor).
+            speed: `(B, F)` head rotation speed in rad/s.
+            Conditioning whose batch divides B is tiled along the batch (guidance stacks branches that share it).
+        Returns:
+            `UNetMotionOutput` with `.sample (B, 4, F, h, w)`, or a 1-tuple when `return_dict=False`.
+        """
+        self._check_inputs(sample, timestep, audio_features, reference_features, face_mask, speed)
+        batch, _, frames = sample.shape[:3]
+        context = ForwardContext(
+            num_frames=frames,
+            reference=reference_features,
+            speed_embeddings=self.speed_encoder(speed) if speed is not None else None,
+            face_features=self.face_locator(face_mask) if face_mask is not None else None,
+        )
+        tokens = self.audio_proj(audio_features)  # (B*F, T, C)
+        with forward_context(context):
+            output = super().forward(sample, timestep, encoder_hidden_states=tokens, return_dict=return_dict)
+        self._check_reached(context)
+        return output
+
+    def _check_reached(self, context: ForwardContext) -> None:
+        """Fail loudly if conditioning was silently dropped somewhere (a replaced processor, a patched block)."""
+        reference = context.reference
+        if reference is None:
+            return
+        if reference.spatial and len(context.reached_spatial) != len(self.reference_layer_names):
+            missed = sorted(set(self.reference_layer_names) - context.reached_spatial)
+            raise RuntimeError(f"reference features did not reach {len(missed)} attn1 layers, e.g. {missed[:3]}")
+        if reference.temporal and len(context.reached_temporal) != len(self.temporal_layers):
+            missed = sorted(set(self.temporal_layers) - context.reached_temporal)
+            raise RuntimeError(f"motion-frame features did not reach {len(missed)} temporal layers, e.g. {missed[:3]}")
+
+    def _check_inputs(self, sample, timestep, audio_features, reference_features, face_mask, speed) -> None:
+        in_channels = self.config.in_channels
+        if sample.ndim != 5 or sample.shape[1] != in_channels:
+            raise EMOInputError(f"sample must have shape (B, {in_channels}, F, h, w), got {tuple(sample.shape)}")
+        batch, _, frames, height, width = sample.shape
+        window, layers, dim = self.audio_proj.expected_feature_shape
+        expected_audio = (batch, frames, window, layers, dim)
+        if tuple(audio_features.shape) != expected_audio:
+            raise EMOInputError(
+                f"audio_features must have shape (B, F, 2m+1, L, D) = {expected_audio} for a sample of shape "
+                f"{tuple(sample.shape)}, got {tuple(audio_features.shape)}"
+            )
+        if torch.is_tensor(timestep) and timestep.ndim > 0 and timestep.shape != (batch,) and timestep.numel() != 1:
+            raise EMOInputError(f"timestep must be a scalar or have shape ({batch},), got {tuple(timestep.shape)}")
+        if speed is not None and (speed.ndim != 2 or speed.shape[1] != frames or batch % speed.shape[0]):
+            raise EMOInputError(f"speed must have shape (B, F) = {(batch, frames)} rad/s, got {tuple(speed.shape)}")
+        if face_mask is not None:
+            factor = self.face_locator.downscale_factor
+            expected_mask = (batch, 1, height * factor, width * factor)
+            if (
+                face_mask.ndim != 4
+                or face_mask.shape[1] != 1
+                or tuple(face_mask.shape[2:]) != expected_mask[2:]
+                or batch % face_mask.shape[0]
+            ):
+                raise EMOInputError(
+                    f"face_mask must have shape (B, 1, H, W) = {expected_mask}, got {tuple(face_mask.shape)}"
+                )
+        if reference_features is not None and reference_features.temporal:
+            motion = reference_features.num_motion_frames
+            limit = self.config.motion_max_seq_length
+            if motion + frames > limit:
+                raise EMOInputError(
+                    f"num_motion_frames ({motion}) + num_frames ({frames}) = {motion + frames} exceeds the temporal "
+                    f"layers' positional table (motion_max_seq_length = {limit})"
+                )
+
+
+def _add_face_features(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    """conv_in forward hook: add the face locator's features to every frame of the clip."""
+    context = current_context()
+    if context is None or context.face_features is None:
+        return None
+    face = broadcast_batch(context.face_features.to(output.dtype), output.shape[0] // context.num_frames, "face_mask")
+    return output + face.repeat_interleave(context.num_frames, dim=0)
+
+
+def _public(config) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if not k.startswith("_")}
