@@ -8,9 +8,10 @@ in seconds. Random weights produce noise, not faces: these exist to exercise eve
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel
 from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
 from emo_pipeline.models.backbone import EMOUNet3DConditionModel
@@ -23,7 +24,10 @@ __all__ = [
     "TINY_VAE_CONFIG",
     "TINY_WAV2VEC2_CONFIG",
     "randomize_zero_initialized_layers",
+    "SD15_SCHEDULER_CONFIG",
+    "demo_assets",
     "tiny_emo_models",
+    "tiny_emo_pipeline",
     "tiny_motion_adapter",
     "tiny_unet2d",
     "tiny_vae",
@@ -91,6 +95,25 @@ TINY_EMO_CONFIG = {
     "face_locator_config": {"channels": (4, 8, 8, 16)},
     "speed_encoder_config": {"hidden_dim": 16, "embed_dim": 16},
 }
+
+
+# Stable Diffusion 1.5's noise schedule (its scheduler_config.json), used by every EMO stage.
+SD15_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+
+
+def demo_assets() -> tuple[Path, Path]:
+    """Paths of the bundled demo portrait (public-domain astronaut photo) and speech (espeak-ng)."""
+    root = Path(__file__).parent / "assets"
+    return root / "portrait.png", root / "speech.wav"
 
 
 def tiny_unet2d(seed: int = 0) -> UNet2DConditionModel:
@@ -165,3 +188,21 @@ def to_original_animatediff_state_dict(adapter: MotionAdapter) -> dict[str, torc
             continue
         state[key] = value.clone()
     return state
+
+
+def tiny_emo_pipeline(seed: int = 0, motion_adapter: MotionAdapter | None = None):
+    """A complete EMOPipeline of seeded tiny random components (64 px is a natural size: VAE factor 8)."""
+    from emo_pipeline.pipeline_emo import EMOPipeline
+
+    reference_net, unet = tiny_emo_models(seed, motion_adapter=motion_adapter)
+    audio_encoder, feature_extractor = tiny_wav2vec2(seed + 3)
+    pipe = EMOPipeline(
+        vae=tiny_vae(seed + 2),
+        reference_net=reference_net,
+        unet=unet,
+        audio_encoder=audio_encoder,
+        feature_extractor=feature_extractor,
+        scheduler=DDIMScheduler(**SD15_SCHEDULER_CONFIG),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -80,8 +80,9 @@ def test_reference_net_captures_match_hooks_on_sd_unet():
         if name.endswith("attn1"):
             handles.append(
                 module.register_forward_pre_hook(
-                    lambda m, args, kwargs, name=name: spatial.__setitem__(name, kwargs.get("hidden_states", args[0]))
-                    and None,
+                    lambda m, args, kwargs, name=name: (
+                        spatial.__setitem__(name, kwargs.get("hidden_states", args[0])) and None
+                    ),
                     with_kwargs=True,
                 )
             )
@@ -249,8 +250,9 @@ def test_motion_frames_output_keeps_clip_length_and_positional_table_is_checked(
 def test_original_animatediff_checkpoint_loads_into_the_backbone(tmp_path, suffix):
     adapter = tiny_motion_adapter()
     original = to_original_animatediff_state_dict(adapter)
-    assert "down_blocks.0.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.0.to_q.weight" in (
-        original
+    assert (
+        "down_blocks.0.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.0.to_q.weight"
+        in (original)
     )
     path = tmp_path / f"mm_tiny{suffix}"
     if suffix == ".ckpt":
@@ -267,7 +269,9 @@ def test_original_animatediff_checkpoint_loads_into_the_backbone(tmp_path, suffi
 
     unet = tiny_unet2d()
     backbone = EMOUNet3DConditionModel.from_unet2d(
-        unet, motion_adapter=loaded, **{k: v for k, v in TINY_EMO_CONFIG.items() if k.startswith(("audio", "face", "sp"))}
+        unet,
+        motion_adapter=loaded,
+        **{k: v for k, v in TINY_EMO_CONFIG.items() if k.startswith(("audio", "face", "sp"))},
     )
     own = backbone.state_dict()
     temporal = {k for k in own if "motion_modules" in k and ".speed_" not in k}
@@ -342,7 +346,9 @@ def test_gradients_reach_every_trained_parameter_group():
     reference_net.train()
     backbone.train()
     x = inputs()
-    out = run(backbone, x, reference_features=conditioned(reference_net, x), speed=x["speed"], face_mask=x["face_mask"])
+    out = run(
+        backbone, x, reference_features=conditioned(reference_net, x), speed=x["speed"], face_mask=x["face_mask"]
+    )
     out.square().mean().backward()
     for model in (reference_net, backbone):
         without = [n for n, p in model.named_parameters() if p.grad is None]
@@ -384,7 +390,10 @@ def test_gradient_checkpointing_keeps_conditioning_and_gradients():
     ("change", "pattern"),
     [
         ({"sample": torch.zeros(B, 4, H, H)}, r"sample must have shape \(B, 4, F, h, w\)"),
-        ({"audio_features": torch.zeros(B, F + 1, *AUDIO_SHAPE)}, r"audio_features must have shape .*\(2, 3, 5, 2, 32\)"),
+        (
+            {"audio_features": torch.zeros(B, F + 1, *AUDIO_SHAPE)},
+            r"audio_features must have shape .*\(2, 3, 5, 2, 32\)",
+        ),
         ({"audio_features": torch.zeros(B, F, 2, 32)}, r"audio_features must have shape \(B, F, 2m\+1, L, D\)"),
         ({"speed": torch.zeros(B, F + 2)}, r"speed must have shape \(B, F\) = \(2, 3\)"),
         ({"face_mask": torch.zeros(B, 1, 32, 32)}, r"face_mask must have shape \(B, 1, H, W\) = \(2, 1, 64, 64\)"),
