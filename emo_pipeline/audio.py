@@ -170,8 +170,9 @@ def _resample_frames(
 
 def _array_frames(data: np.ndarray, sample_rate: int) -> Iterator[av.AudioFrame]:
     for start in range(0, data.size, _RESAMPLE_BLOCK):
-        frame = av.AudioFrame.from_ndarray(data[None, start : start + _RESAMPLE_BLOCK].copy(), format="flt",
-                                           layout="mono")
+        frame = av.AudioFrame.from_ndarray(
+            data[None, start : start + _RESAMPLE_BLOCK].copy(), format="flt", layout="mono"
+        )
         frame.sample_rate = sample_rate
         yield frame
 

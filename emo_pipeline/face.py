@@ -92,9 +92,8 @@ def _describe(src: Any) -> str:
         return f"image file {os.fspath(src)!r}"
     if isinstance(src, Image.Image):
         name = getattr(src, "filename", "") or ""
-        return f"PIL image {name!r} ({src.mode}, {src.width}x{src.height})" if name else (
-            f"PIL image ({src.mode}, {src.width}x{src.height})"
-        )
+        label = f"PIL image {name!r}" if name else "PIL image"
+        return f"{label} ({src.mode}, {src.width}x{src.height})"
     if isinstance(src, np.ndarray):
         return f"image array of shape {tuple(src.shape)} and dtype {src.dtype}"
     if isinstance(src, (bytes, bytearray, memoryview)):
@@ -655,9 +654,7 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
     return smoothed
 
 
-def head_rotation_speed(
-    poses: np.ndarray, fps: float, smooth_window: int = DEFAULT_SMOOTH_WINDOW
-) -> HeadSpeed:
+def head_rotation_speed(poses: np.ndarray, fps: float, smooth_window: int = DEFAULT_SMOOTH_WINDOW) -> HeadSpeed:
     """Head rotation speed in rad/s from per-frame `(yaw, pitch, roll)` (EMO's speed-layer signal, Sec. 3.3).
 
     Frames with a NaN pose are filled by linear interpolation (the first/last known pose held at the ends). The

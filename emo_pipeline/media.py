@@ -22,7 +22,7 @@ import numpy as np
 from emo_pipeline.audio import _fps_fraction, _is_torch_tensor
 from emo_pipeline.errors import EMOInputError
 
-__all__ = ["MP4_METADATA_KEYS", "VideoInfo", "VideoWriter", "read_video_frames", "read_video_info"]
+__all__ = ["MP4_METADATA_KEYS", "X264_PRESETS", "VideoInfo", "VideoWriter", "read_video_frames", "read_video_info"]
 
 #: Tags FFmpeg's mp4 muxer stores in the standard (iTunes-style) metadata boxes that players read. Any other key
 #: makes the writer switch on `movflags=use_metadata_tags`, which stores arbitrary keys (as `mdta` entries, read
@@ -45,6 +45,9 @@ MP4_METADATA_KEYS = frozenset(
         "encoder",
     }
 )
+
+#: x264's speed/size presets, fastest first.
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -211,7 +214,9 @@ class VideoWriter:
         if not 0 <= int(crf) <= 51:
             raise EMOInputError(f"crf must be in 0..51, got {crf!r}")
         self.crf = int(crf)
-        self.preset = str(preset)
+        if preset not in X264_PRESETS:
+            raise EMOInputError(f"preset must be one of the x264 presets {', '.join(X264_PRESETS)}; got {preset!r}")
+        self.preset = preset
         self.metadata = {str(key): str(value) for key, value in (metadata or {}).items()}
 
         self.frames_written = 0

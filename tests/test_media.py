@@ -232,6 +232,8 @@ def test_bad_writer_inputs_raise_naming_the_file(tmp_path):
         VideoWriter(tmp_path / "missing_dir" / "x.mp4", fps=25)
     with pytest.raises(EMOInputError, match=r"fps must be positive"):
         VideoWriter(path, fps=0)
+    with pytest.raises(EMOInputError, match=r"preset must be one of the x264 presets.*'quick'"):
+        VideoWriter(path, fps=25, preset="quick")
     assert list(tmp_path.iterdir()) == []
 
 
