@@ -36,6 +36,7 @@ from diffusers import (
     SchedulerMixin,
     UniPCMultistepScheduler,
 )
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
@@ -117,14 +118,6 @@ class _AudioWindows:
         return windows
 
 
-# Written into saved folders: lets `DiffusionPipeline.from_pretrained(folder_or_id, custom_pipeline=folder_or_id)`
-# resolve the pipeline class (diffusers looks for pipeline classes in its own namespace otherwise).
-_PIPELINE_SHIM = """# Lets diffusers' generic loader find EMOPipeline (needs `pip install emo-pipeline`):
-#   DiffusionPipeline.from_pretrained(path_or_repo, custom_pipeline=path_or_repo)
-from emo_pipeline.pipeline_emo import EMOPipeline  # noqa: F401
-"""
-
-
 def _read_metadata(path_or_id: str | os.PathLike, kwargs: dict) -> dict:
     from emo_pipeline.hub import EMO_METADATA_FILE
 
@@ -141,14 +134,18 @@ def _read_metadata(path_or_id: str | os.PathLike, kwargs: dict) -> dict:
         return {}
 
 
-class EMOPipeline(DiffusionPipeline):
+class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     """Audio-driven portrait video generation with EMO.
 
     Components: `vae` (frozen SD VAE), `reference_net` (`ReferenceNet`), `unet` (`EMOUNet3DConditionModel`),
     `audio_encoder` (`Wav2Vec2Model`), `feature_extractor` (`Wav2Vec2FeatureExtractor`), `scheduler` (any diffusers
     scheduler with `set_timesteps`/`step`; DDIM by default).
+
+    LoRA (diffusers' loader, backbone only): `pipe.load_lora_weights(path_or_repo)`, `pipe.unload_lora_weights()`,
+    `pipe.fuse_lora()`, `EMOPipeline.save_lora_weights(folder, unet_lora_layers=...)`.
     """
 
+    _lora_loadable_modules = ["unet"]
     model_cpu_offload_seq = "audio_encoder->reference_net->unet->vae"
     _callback_tensor_inputs = ["latents", "motion_latents"]
 
@@ -179,23 +176,23 @@ class EMOPipeline(DiffusionPipeline):
     emo_metadata: dict  # provenance and training metadata, saved as emo_metadata.json and shown in the model card
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, push_to_hub: bool = False, **kwargs) -> None:
-        """diffusers' save (safetensors) + `emo_metadata.json`, a model card (README.md) and a `pipeline.py` shim
-        so that `DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder)` works too."""
-        if push_to_hub:
-            repo_id = kwargs.pop("repo_id", None) or Path(save_directory).name
-            hub_keys = ("commit_message", "private", "token", "create_pr")
-            hub_kwargs = {k: kwargs.pop(k) for k in hub_keys if k in kwargs}
-            self.save_pretrained(save_directory, *args, **kwargs)
-            self._upload(save_directory, repo_id, **hub_kwargs)
-            return
-        super().save_pretrained(save_directory, *args, **kwargs)
-        from emo_pipeline.hub import EMO_METADATA_FILE, write_model_card
+        """diffusers' save (safetensors) + `emo_metadata.json` and a model card (README.md).
 
+        Load it back with `EMOPipeline.from_pretrained(folder)`. diffusers' generic loader finds the class only as
+        custom code: `DiffusionPipeline.from_pretrained(folder, custom_pipeline=emo_pipeline.pipeline_emo.__file__,
+        trust_remote_code=True)`.
+        """
+        from emo_pipeline.hub import EMO_METADATA_FILE, push_folder_to_hub, write_model_card
+
+        hub_kwargs = {k: kwargs.pop(k) for k in ("commit_message", "private", "token") if k in kwargs}
+        repo_id = kwargs.pop("repo_id", None) or Path(save_directory).name
+        super().save_pretrained(save_directory, *args, **kwargs)
         folder = Path(save_directory)
         metadata = dict(getattr(self, "emo_metadata", None) or {})
         (folder / EMO_METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
-        (folder / "pipeline.py").write_text(_PIPELINE_SHIM)
         write_model_card(folder, metadata)
+        if push_to_hub:
+            push_folder_to_hub(folder, repo_id, **hub_kwargs)
 
     def push_to_hub(self, repo_id: str, **kwargs) -> str:
         """Save (weights, metadata, model card) and upload to the Hub; returns the commit url."""
@@ -203,13 +200,28 @@ class EMOPipeline(DiffusionPipeline):
 
         return push_pipeline_to_hub(self, repo_id, **kwargs)
 
-    @staticmethod
-    def _upload(folder, repo_id, private=None, token=None, commit_message=None, create_pr=False) -> None:
-        from huggingface_hub import create_repo, upload_folder
+    def load_lora_weights(
+        self,
+        pretrained_model_name_or_path_or_dict: str | os.PathLike | dict,
+        adapter_name: str | None = None,
+        **kwargs,
+    ) -> None:
+        """Load LoRA weights (a folder/file/Hub repo saved by `save_lora_weights`, or a state dict) into the backbone.
 
-        repo = create_repo(repo_id, exist_ok=True, private=private, token=token)
-        upload_folder(repo_id=repo.repo_id, folder_path=folder, token=token, commit_message=commit_message,
-                      create_pr=create_pr)  # fmt: skip
+        diffusers' Stable Diffusion loader, minus its text-encoder half (EMO has no text encoder)."""
+        if isinstance(pretrained_model_name_or_path_or_dict, dict):
+            pretrained_model_name_or_path_or_dict = dict(pretrained_model_name_or_path_or_dict)
+        state_dict, network_alphas, metadata = self.lora_state_dict(
+            pretrained_model_name_or_path_or_dict, return_lora_metadata=True, **kwargs
+        )
+        if not state_dict or not all("lora" in key for key in state_dict):
+            raise EMOInputError(
+                f"{pretrained_model_name_or_path_or_dict!s:.200}: not a LoRA checkpoint (no lora keys)"
+            )
+        self.load_lora_into_unet(
+            state_dict, network_alphas=network_alphas, unet=self.unet, adapter_name=adapter_name, metadata=metadata,
+            _pipeline=self,
+        )  # fmt: skip
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> EMOPipeline:

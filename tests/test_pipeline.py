@@ -215,7 +215,7 @@ def test_save_and_load_round_trip(pipe, tmp_path):
     files = [p.relative_to(tmp_path / "emo").as_posix() for p in (tmp_path / "emo").rglob("*") if p.is_file()]
     weights = [f for f in files if f.endswith((".safetensors", ".bin", ".pt", ".ckpt", ".pth"))]
     assert weights and all(f.endswith(".safetensors") for f in weights), weights
-    assert {"model_index.json", "README.md", "emo_metadata.json", "pipeline.py"} <= set(files)
+    assert {"model_index.json", "README.md", "emo_metadata.json"} <= set(files)
     loaded = EMOPipeline.from_pretrained(tmp_path / "emo")
     loaded.set_progress_bar_config(disable=True)
     assert loaded.emo_metadata == {"base_model": "tiny-random"}
@@ -224,7 +224,11 @@ def test_save_and_load_round_trip(pipe, tmp_path):
 
     from diffusers import DiffusionPipeline
 
-    generic = DiffusionPipeline.from_pretrained(tmp_path / "emo", custom_pipeline=str(tmp_path / "emo"))
+    import emo_pipeline.pipeline_emo
+
+    generic = DiffusionPipeline.from_pretrained(  # the documented route for diffusers' generic loader
+        tmp_path / "emo", custom_pipeline=emo_pipeline.pipeline_emo.__file__, trust_remote_code=True
+    )
     assert type(generic).__name__ == "EMOPipeline"
 
 
