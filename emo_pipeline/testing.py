@@ -28,6 +28,7 @@ __all__ = [
     "demo_assets",
     "tiny_emo_models",
     "tiny_emo_pipeline",
+    "sd15_shaped_pipeline",
     "tiny_motion_adapter",
     "tiny_unet2d",
     "tiny_vae",
@@ -202,6 +203,35 @@ def tiny_emo_pipeline(seed: int = 0, motion_adapter: MotionAdapter | None = None
         unet=unet,
         audio_encoder=audio_encoder,
         feature_extractor=feature_extractor,
+        scheduler=DDIMScheduler(**SD15_SCHEDULER_CONFIG),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sd15_shaped_pipeline(seed: int = 0):
+    """An EMOPipeline with Stable Diffusion 1.5's real layer sizes (and AnimateDiff v2 / wav2vec2-base shapes),
+    randomly initialised: for speed and memory benchmarks without downloading weights (~9 GB in fp32)."""
+    from emo_pipeline.pipeline_emo import EMOPipeline
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64)  # SD1.5's config
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
+    )
+    backbone = EMOUNet3DConditionModel.from_unet2d(unet, motion_adapter=MotionAdapter())
+    audio_encoder = Wav2Vec2Model(Wav2Vec2Config()).eval()  # wav2vec2-base
+    pipe = EMOPipeline(
+        vae=vae.eval(),
+        reference_net=ReferenceNet.from_unet2d(unet).eval(),
+        unet=backbone.eval(),
+        audio_encoder=audio_encoder,
+        feature_extractor=Wav2Vec2FeatureExtractor(return_attention_mask=False),
         scheduler=DDIMScheduler(**SD15_SCHEDULER_CONFIG),
     )
     pipe.set_progress_bar_config(disable=True)

@@ -71,7 +71,9 @@ def _load_pipeline(args: argparse.Namespace):
             "WARNING: Pass --model <EMOPipeline folder or Hub id> for real results.",
             file=sys.stderr,
         )
-        pipe = tiny_emo_pipeline().to(dtype=dtype)
+        pipe = tiny_emo_pipeline()
+        if dtype != torch.float32:
+            pipe.to(dtype=dtype)
         pipe.set_progress_bar_config(disable=False)
     else:
         try:
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             fps=args.fps,
             num_frames_per_clip=args.frames_per_clip,
             num_motion_frames=args.motion_frames,
-            num_inference_steps=args.steps or (4 if demo else 40),
+            num_inference_steps=args.steps if args.steps is not None else (4 if demo else 40),
             guidance_scale=args.guidance_scale,
             speed=args.speed,
             face_box=args.face_box,
