@@ -407,7 +407,7 @@ def _process(
     if total < config.min_frames:
         raise _VideoFailure(
             "too_short",
-            f"{total / fps:.2f} s usable (video {source_frames / source_fps:.2f} s, audio "
+            f"{float(total / fps):.2f} s usable (video {source_frames / source_fps:.2f} s, audio "
             f"{audio.size / SAMPLE_RATE:.2f} s) < min_seconds {config.min_seconds:g}",
         )
     # Target frame k shows the source frame on screen at the target frame's centre time.
@@ -489,7 +489,8 @@ def _process(
 
     def emit(clips: list[tuple[int, int]], dropped: int = 0) -> None:
         if dropped:
-            result.reject(-1, "scene_too_short", f"{dropped} frames ({dropped / fps:.2f} s) left over from a shot")
+            seconds = float(dropped / fps)
+            result.reject(-1, "scene_too_short", f"{dropped} frames ({seconds:.2f} s) left over from a shot")
         for first, end in clips:
             handle(first, end)
         cache.drop_before(splitter.cursor)
@@ -502,7 +503,7 @@ def _process(
         try:
             batch = reader.get_batch(unique.tolist()).asnumpy()
         except (RuntimeError, decord.DECORDError) as error:
-            decode_error = f"decoding stopped at {lo / fps:.2f} s ({_decord_message(error)})"
+            decode_error = f"decoding stopped at {float(lo / fps):.2f} s ({_decord_message(error)})"
             break
         if not frame_size:
             frame_size.extend(batch.shape[1:3])
@@ -744,11 +745,11 @@ def preprocess_videos(
     os.makedirs(os.path.join(out, CLIPS_DIR), exist_ok=True)
     os.makedirs(os.path.join(out, STATE_DIR), exist_ok=True)
     with _locked(out):
+        encoder = _load_audio_encoder(config.audio_encoder, config.device)  # fails early on a bad encoder
         _check_config(out, config)
         for name in os.listdir(os.path.join(out, CLIPS_DIR)):  # leftovers of a killed run
             if name.startswith(TMP_PREFIX):
                 shutil.rmtree(os.path.join(out, CLIPS_DIR, name), ignore_errors=True)
-        encoder = _load_audio_encoder(config.audio_encoder, config.device)  # fails early on a bad encoder
 
         states: dict[str, dict[str, Any]] = {}
         jobs: list[tuple[str, str]] = []

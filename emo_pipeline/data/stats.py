@@ -76,7 +76,7 @@ def dataset_statistics(
         "clips": len(rows),
         "frames": int(sum(row["num_frames"] for row in rows)),
         "seconds": round(seconds, 3),
-        "hours": round(seconds / 3600.0, 6),
+        "hours": round(seconds / 3600.0, 9),
         "sources": len({row["source"] for row in rows}),
         "speed": {
             "mean": round(float(all_speeds.mean()), 6) if all_speeds.size else None,
