@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # mediapipe's C++ logging is noise here; keep warnings and errors.
+    # Quieten the C++ logging of mediapipe/TFLite (some of its absl warnings still reach stderr).
     os.environ.setdefault("GLOG_minloglevel", "2")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = build_parser()

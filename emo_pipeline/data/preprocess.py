@@ -416,6 +416,7 @@ def _process(
 
     key = video_key(source)
     clips_dir = os.path.join(output_dir, CLIPS_DIR)
+    os.makedirs(clips_dir, exist_ok=True)
     detector = SceneCutDetector(config.scene_threshold)
     splitter = ClipSplitter(config.min_frames, config.max_frames)
     cache = _FrameCache(int(config.frame_cache_mb * 2**20))
