@@ -127,8 +127,13 @@ def _read_metadata(path_or_id: str | os.PathLike, kwargs: dict) -> dict:
     try:
         from huggingface_hub import hf_hub_download
 
-        file = hf_hub_download(str(path_or_id), EMO_METADATA_FILE, revision=kwargs.get("revision"),
-                               cache_dir=kwargs.get("cache_dir"), token=kwargs.get("token"))  # fmt: skip
+        file = hf_hub_download(
+            str(path_or_id),
+            EMO_METADATA_FILE,
+            revision=kwargs.get("revision"),
+            cache_dir=kwargs.get("cache_dir"),
+            token=kwargs.get("token"),
+        )
         return json.loads(Path(file).read_text())
     except Exception:  # noqa: BLE001 - metadata is optional; the weights loaded
         return {}
@@ -219,9 +224,13 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 f"{pretrained_model_name_or_path_or_dict!s:.200}: not a LoRA checkpoint (no lora keys)"
             )
         self.load_lora_into_unet(
-            state_dict, network_alphas=network_alphas, unet=self.unet, adapter_name=adapter_name, metadata=metadata,
+            state_dict,
+            network_alphas=network_alphas,
+            unet=self.unet,
+            adapter_name=adapter_name,
+            metadata=metadata,
             _pipeline=self,
-        )  # fmt: skip
+        )
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> EMOPipeline:
@@ -398,8 +407,18 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 tells the clip. Returned tensors replace the pipeline's.
         """
         tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
-        self.check_inputs(height, width, fps, num_frames_per_clip, num_motion_frames, num_inference_steps,
-                          guidance_scale, output_type, decode_chunk_size, tensor_inputs)  # fmt: skip
+        self.check_inputs(
+            height,
+            width,
+            fps,
+            num_frames_per_clip,
+            num_motion_frames,
+            num_inference_steps,
+            guidance_scale,
+            output_type,
+            decode_chunk_size,
+            tensor_inputs,
+        )
         samples = load_audio(audio, SAMPLE_RATE, max_duration=max_audio_seconds, src_sample_rate=audio_sample_rate)
         num_frames = num_video_frames(len(samples), SAMPLE_RATE, fps)
         portrait = prepare_portrait(image, size=height, face_index=face_index, face_box=face_box, face_mask=face_mask)
@@ -411,13 +430,38 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             speed=self._speed_per_frame(speed, num_frames),
         )
         return self._generate(
-            plan, fps, num_frames_per_clip, num_motion_frames, num_inference_steps, guidance_scale, generator,
-            output_type, watermark, eta, decode_chunk_size, callback_on_step_end, tensor_inputs,
-        )  # fmt: skip
+            plan,
+            fps,
+            num_frames_per_clip,
+            num_motion_frames,
+            num_inference_steps,
+            guidance_scale,
+            generator,
+            output_type,
+            watermark,
+            eta,
+            decode_chunk_size,
+            callback_on_step_end,
+            tensor_inputs,
+        )
 
     @torch.no_grad()
-    def _generate(self, plan: _Plan, fps, f, n, num_inference_steps, guidance_scale, generator, output_type,
-                  watermark, eta, decode_chunk_size, callback_on_step_end, tensor_inputs):  # fmt: skip
+    def _generate(
+        self,
+        plan: _Plan,
+        fps,
+        f,
+        n,
+        num_inference_steps,
+        guidance_scale,
+        generator,
+        output_type,
+        watermark,
+        eta,
+        decode_chunk_size,
+        callback_on_step_end,
+        tensor_inputs,
+    ):
         device = self._execution_device
         dtype = self.unet.dtype
         do_guidance = guidance_scale > 1.0
@@ -532,8 +576,14 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             raise EMOInputError("write_video needs decoded frames: output_type must be 'np', 'pt' or 'pil'")
         clips = self.iter_clips(image, audio, **kwargs)
         fps = kwargs.get("fps", 25)
-        with VideoWriter(output_path, fps=fps, audio=self.last_plan.audio, sample_rate=SAMPLE_RATE, crf=crf,
-                         metadata=AI_GENERATED_METADATA) as writer:  # fmt: skip
+        with VideoWriter(
+            output_path,
+            fps=fps,
+            audio=self.last_plan.audio,
+            sample_rate=SAMPLE_RATE,
+            crf=crf,
+            metadata=AI_GENERATED_METADATA,
+        ) as writer:
             for clip in clips:
                 if isinstance(clip, list):
                     clip = np.stack([np.asarray(frame) for frame in clip])

@@ -73,8 +73,12 @@ def test_emo_animate_bad_input_exits_2_and_leaves_no_file(tmp_path, capsys, chan
     blank = tmp_path / "blank.png"
     Image.fromarray(np.full((128, 128, 3), 200, dtype=np.uint8)).save(blank)
     args = {"--image": str(PORTRAIT), "--audio": str(SPEECH), "--output": str(tmp_path / "out.mp4")}
-    args.update({k: (str(blank) if v == "blank" else str(tmp_path / v) if v.startswith("missing") else v)
-                 for k, v in change.items()})  # fmt: skip
+    args.update(
+        {
+            k: (str(blank) if v == "blank" else str(tmp_path / v) if v.startswith("missing") else v)
+            for k, v in change.items()
+        }
+    )
     code = animate.main([token for pair in args.items() for token in pair])
     assert code == 2
     assert message in capsys.readouterr().err

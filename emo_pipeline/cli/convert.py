@@ -118,3 +118,7 @@ def write_atomically(pipe, output: Path) -> None:
             previous.rename(output)  # put the old folder back
         raise
     shutil.rmtree(previous, ignore_errors=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

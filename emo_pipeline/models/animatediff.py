@@ -49,7 +49,13 @@ def load_motion_adapter(
         return adapter.to(torch_dtype) if torch_dtype is not None else adapter
     if path.suffix in _PICKLE_SUFFIXES + (".safetensors",):
         raise EMOInputError(f"motion adapter checkpoint {path} does not exist")
-    return MotionAdapter.from_pretrained(str(path_or_id), torch_dtype=torch_dtype, **config_overrides)
+    try:
+        return MotionAdapter.from_pretrained(str(path_or_id), torch_dtype=torch_dtype, **config_overrides)
+    except OSError as error:  # no such folder, no such Hub repo, offline: name the input
+        raise EMOInputError(
+            f"cannot load motion adapter {str(path_or_id)!r} (a MotionAdapter folder, Hub id or AnimateDiff "
+            f"checkpoint file): {error}"
+        ) from error
 
 
 def load_original_motion_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

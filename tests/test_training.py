@@ -1,0 +1,352 @@
+"""Training: the three stages through accelerate launch and two CPU processes, exact parameter groups, overfitting,
+fault-safe checkpoints and exact resume, LoRA, export."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from emo_pipeline import EMOInputError, EMOPipeline
+from emo_pipeline.config import load_config
+from emo_pipeline.models.backbone import parameter_group
+from emo_pipeline.testing import tiny_emo_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+STAGE_GROUPS = {
+    1: ["reference_net", "spatial", "face_locator"],
+    2: ["temporal", "audio"],
+    3: ["temporal", "speed"],
+}
+
+
+@pytest.fixture(scope="module")
+def base_pipeline(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("base") / "pipeline"
+    tiny_emo_pipeline().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def motion_adapter_dir(tmp_path_factory):
+    from emo_pipeline.testing import tiny_motion_adapter
+
+    folder = tmp_path_factory.mktemp("adapter") / "motion_adapter"
+    tiny_motion_adapter().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def overrides(base, dataset, output, stage, steps=2, **extra):
+    values = {
+        "pretrained": base,
+        "output_dir": output,
+        "data.root": dataset,
+        "data.num_frames": 4,
+        "data.num_motion_frames": 2,
+        "max_train_steps": steps,
+        "train_batch_size": 1,
+        "checkpointing_steps": 2,
+        "mixed_precision": "no",
+        "gradient_checkpointing": False,
+        "report_to": "none",
+        "motion_adapter": "null",
+        "trainable": "[" + ",".join(STAGE_GROUPS[stage]) + "]",
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {
+        f"reference_net.{k}": v
+        for k, v in load_file(folder / "reference_net/diffusion_pytorch_model.safetensors").items()
+    }
+    tensors.update(load_file(folder / "unet/diffusion_pytorch_model.safetensors"))
+    return tensors
+
+
+def group_of(name: str) -> str:
+    return "reference_net" if name.startswith("reference_net.") else parameter_group(name)
+
+
+def assert_only_groups_changed(before: dict, after: dict, groups: list[str]) -> None:
+    changed = {group_of(k) for k in before if not torch.equal(before[k], after[k])}
+    assert changed == set(groups), f"changed groups {sorted(changed)}, configured {groups}"
+    for name in before:  # every parameter outside the trained groups is bit-identical
+        if group_of(name) not in groups:
+            assert torch.equal(before[name], after[name]), name
+
+
+def run_script(command, cwd=REPO):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+# ------------------------------------------------------------------------------------------- stages, launchers
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_each_stage_through_accelerate_launch_trains_exactly_its_groups(
+    stage, base_pipeline, preprocessed_dataset, motion_adapter_dir, tmp_path
+):
+    dataset = preprocessed_dataset[0]
+    adapter = {"motion_adapter": motion_adapter_dir} if stage == 2 else {}  # stage 2 starts from AnimateDiff
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "training/train.py",
+        "--config",
+        f"configs/train/stage{stage}.yaml",
+        *overrides(base_pipeline, dataset, tmp_path, stage, **adapter),
+    ]
+    out = run_script(command)
+    assert "done: 2 steps on 1 process(es)" in out
+    assert_only_groups_changed(weights(base_pipeline), weights(tmp_path / "pipeline"), STAGE_GROUPS[stage])
+    exported = EMOPipeline.from_pretrained(tmp_path / "pipeline")
+    stages = exported.emo_metadata["training"]["stages"]
+    assert stages[-1]["stage"] == stage and stages[-1]["trained_groups"] == sorted(STAGE_GROUPS[stage])
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_each_stage_as_two_cpu_processes(stage, base_pipeline, preprocessed_dataset, tmp_path):
+    dataset = preprocessed_dataset[0]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "training/train.py",
+        "--config",
+        f"configs/train/stage{stage}.yaml",
+        *overrides(base_pipeline, dataset, tmp_path, stage),
+    ]
+    out = run_script(command)
+    assert "done: 2 steps on 2 process(es)" in out
+    assert_only_groups_changed(weights(base_pipeline), weights(tmp_path / "pipeline"), STAGE_GROUPS[stage])
+
+
+# ------------------------------------------------------------------------------------------------ in-process
+
+
+def train_in_process(args):
+    from emo_pipeline.training import train
+
+    return train(load_config(None, args))
+
+
+def test_overfitting_one_clip_drives_the_loss_down(base_pipeline, preprocessed_dataset, tmp_path):
+    source = preprocessed_dataset[0]
+    one_clip = tmp_path / "one_clip"
+    one_clip.mkdir()
+    first = (source / "manifest.jsonl").read_text().splitlines()[0]
+    (one_clip / "manifest.jsonl").write_text(first + "\n")
+    (one_clip / json.loads(first)["path"]).parent.mkdir(parents=True)
+    (one_clip / json.loads(first)["path"]).symlink_to(source / json.loads(first)["path"])
+    result = train_in_process(
+        ["stage=1"]
+        + overrides(
+            base_pipeline,
+            one_clip,
+            tmp_path / "run",
+            1,
+            steps=60,
+            checkpointing_steps=0,
+            export=False,
+            **{"optim.learning_rate": 1e-3, "dropout.reference": 0.0},
+        )
+    )
+    start, end = np.mean(result.losses[:10]), np.mean(result.losses[-10:])
+    assert end < 0.5 * start, (start, end)  # a clear fall, not noise: seen ~1.0 -> ~0.2
+
+
+def test_interrupted_run_resumes_to_the_same_weights_and_skips_a_truncated_checkpoint(
+    base_pipeline, preprocessed_dataset, tmp_path, monkeypatch, caplog
+):
+    import emo_pipeline.training as training
+
+    dataset = preprocessed_dataset[0]
+    args = ["stage=2", "use_ema=true", "ema_decay=0.9"] + overrides(base_pipeline, dataset, None, 2, steps=6)
+    uninterrupted = train_in_process([a.replace("output_dir=None", f"output_dir={tmp_path / 'a'}") for a in args])
+    assert uninterrupted.global_step == 6
+
+    save = training.save_checkpoint
+
+    def crash_after_step_4(accelerator, output_dir, step, *a, **k):
+        folder = save(accelerator, output_dir, step, *a, **k)
+        if step == 4:
+            raise KeyboardInterrupt  # the process dies right after a checkpoint
+        return folder
+
+    run_b = [a.replace("output_dir=None", f"output_dir={tmp_path / 'b'}") for a in args]
+    monkeypatch.setattr(training, "save_checkpoint", crash_after_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train_in_process(run_b)
+    monkeypatch.setattr(training, "save_checkpoint", save)
+    checkpoints = tmp_path / "b" / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step-4"
+    # a newer checkpoint truncated by a crash mid-copy must be skipped, not loaded
+    shutil.copytree(checkpoints / "step-4", checkpoints / "step-5")
+    model_file = next((checkpoints / "step-5").glob("model*.safetensors"))
+    model_file.write_bytes(model_file.read_bytes()[:1000])
+
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with caplog.at_level("WARNING", logger="emo_pipeline.training"):
+        resumed = train_in_process(run_b + ["resume_from_checkpoint=latest"])
+    assert resumed.resumed_from == checkpoints / "step-4"
+    assert "skipping incomplete or truncated checkpoint" in caplog.text and "step-5" in caplog.text
+    assert resumed.global_step == 6 and len(resumed.losses) == 2
+    np.testing.assert_allclose(resumed.losses, uninterrupted.losses[4:], rtol=1e-6)
+    a, b = weights(tmp_path / "a" / "pipeline"), weights(tmp_path / "b" / "pipeline")
+    for name in a:  # tolerance: bit-identical expected on CPU; allow float32 reduction-order noise
+        assert torch.allclose(a[name], b[name], atol=1e-7, rtol=1e-6), name
+
+
+def test_checkpoint_limit_applies_after_saving_and_latest_points_at_the_newest(
+    base_pipeline, preprocessed_dataset, tmp_path
+):
+    train_in_process(
+        ["stage=1"]
+        + overrides(
+            base_pipeline,
+            preprocessed_dataset[0],
+            tmp_path,
+            1,
+            steps=6,
+            export=False,
+            checkpoints_total_limit=2,
+            checkpointing_steps=1,
+        )
+    )
+    checkpoints = tmp_path / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step-5", "step-6"]
+    assert (checkpoints / "latest").read_text().strip() == "step-6"
+    files = json.loads((checkpoints / "step-6" / "trainer_state.json").read_text())["files"]
+    weight_files = [f for f in files if "model" in f]
+    assert weight_files and all(f.endswith(".safetensors") for f in weight_files)
+
+
+def test_lora_trains_only_adapters_and_loads_and_unloads_in_a_fresh_pipeline(
+    base_pipeline, preprocessed_dataset, tmp_path
+):
+    args = overrides(base_pipeline, preprocessed_dataset[0], tmp_path, 2, steps=3, checkpointing_steps=3)
+    result = train_in_process(
+        ["stage=2", "trainable=[lora]", "lora.rank=4", "optim.learning_rate=1e-2"]
+        + [a for a in args if not a.startswith("trainable")]
+    )
+    lora = load_file(result.lora_dir / "pytorch_lora_weights.safetensors")
+    assert lora and all("lora" in k for k in lora)
+    # in the final training state, every base weight of the backbone is still the pretrained one
+    state = load_file(next((tmp_path / "checkpoints" / "step-3").glob("model*.safetensors")))
+    base = weights(base_pipeline)
+    trained_base = {
+        k.removeprefix("unet.").replace(".base_layer.", "."): v
+        for k, v in state.items()
+        if k.startswith("unet.") and ".lora_" not in k
+    }
+    assert set(trained_base) == {k for k in base if not k.startswith("reference_net.")}
+    assert all(torch.equal(v, base[k]) for k, v in trained_base.items())
+
+    pipe = EMOPipeline.from_pretrained(base_pipeline)
+    pipe.set_progress_bar_config(disable=True)
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    audio = (np.random.default_rng(1).standard_normal(4000) * 0.1).astype(np.float32)
+
+    def generate(p):
+        return p(
+            image,
+            audio,
+            height=64,
+            width=64,
+            num_inference_steps=2,
+            num_frames_per_clip=4,
+            num_motion_frames=2,
+            face_box=(16, 16, 48, 48),
+            watermark=False,
+            generator=torch.Generator().manual_seed(0),
+        ).frames
+
+    original = generate(pipe)
+    pipe.load_lora_weights(result.lora_dir)
+    adapted = generate(pipe)
+    assert np.abs(adapted - original).max() > 1e-4
+    # the exported pipeline has the adapters merged: a standalone model that generates what base + LoRA does
+    fused = EMOPipeline.from_pretrained(tmp_path / "pipeline")
+    fused.set_progress_bar_config(disable=True)
+    assert np.abs(generate(fused) - adapted).max() < 1e-4
+    pipe.unload_lora_weights()
+    assert np.array_equal(generate(pipe), original)
+
+
+def test_exported_pipeline_generates_and_its_card_lists_the_stage(base_pipeline, preprocessed_dataset, tmp_path):
+    from huggingface_hub import ModelCard
+
+    train_in_process(["stage=1"] + overrides(base_pipeline, preprocessed_dataset[0], tmp_path, 1, steps=1))
+    pipe = EMOPipeline.from_pretrained(tmp_path / "pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    frames = pipe(
+        np.full((64, 64, 3), 120, np.uint8),
+        np.zeros(3200, np.float32),
+        height=64,
+        width=64,
+        num_inference_steps=1,
+        num_frames_per_clip=4,
+        num_motion_frames=2,
+        face_box=(8, 8, 56, 56),
+    ).frames
+    assert frames.shape == (5, 64, 64, 3) and np.isfinite(frames).all()
+    card = ModelCard.load(tmp_path / "pipeline" / "README.md")
+    assert card.data.library_name == "diffusers"
+    assert "| 1 | 1 |" in card.text and "face_locator, reference_net, spatial" in card.text  # the stage table row
+
+
+# --------------------------------------------------------------------------------------------------- config
+
+
+def test_config_includes_overrides_and_errors(tmp_path):
+    (tmp_path / "buckets.yaml").write_text("speed_encoder_config:\n  centers: [0.0, 1.0]\n  radii: [0.5, 0.5]\n")
+    (tmp_path / "train.yaml").write_text("include: [buckets.yaml]\nstage: 3\npretrained: p\noutput_dir: o\n")
+    config = load_config(tmp_path / "train.yaml", ["optim.learning_rate=0.5", "data.root=d"])
+    assert config.speed_encoder_config == {"centers": [0.0, 1.0], "radii": [0.5, 0.5]}
+    assert config.stage == 3 and config.optim.learning_rate == 0.5 and config.data.root == "d"
+    with pytest.raises(EMOInputError, match="unknown parameter groups"):
+        load_config(tmp_path / "train.yaml", ["trainable=[spatail]", "data.root=d"])
+    with pytest.raises(EMOInputError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(EMOInputError, match="LoRA"):
+        load_config(tmp_path / "train.yaml", ["lora.rank=4", "data.root=d"])
+    for stage in (1, 2, 3):  # the shipped configs parse and name the paper's groups
+        shipped = load_config(REPO / f"configs/train/stage{stage}.yaml", ["pretrained=p", "data.root=d"])
+        assert sorted(shipped.trainable) == sorted(STAGE_GROUPS[stage])
