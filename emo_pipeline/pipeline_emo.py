@@ -16,10 +16,10 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import numbers
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -118,12 +118,15 @@ class _AudioWindows:
         return windows
 
 
-def _read_metadata(path_or_id: str | os.PathLike, kwargs: dict) -> dict:
-    from emo_pipeline.hub import EMO_METADATA_FILE
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
-    local = Path(path_or_id) / EMO_METADATA_FILE
+
+def _read_metadata(path_or_id: str | os.PathLike, kwargs: dict) -> dict:
+    from emo_pipeline.hub import EMO_METADATA_FILE, read_metadata
+
     if Path(path_or_id).is_dir():
-        return json.loads(local.read_text()) if local.is_file() else {}
+        return read_metadata(path_or_id)
     try:
         from huggingface_hub import hf_hub_download
 
@@ -173,12 +176,10 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             scheduler=scheduler,
         )
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.emo_metadata = {}
+        self.emo_metadata: dict = {}  # provenance and training history: emo_metadata.json and the model card
         self.reference_net_calls = 0  # ReferenceNet forwards of the last video (1 + number of clips)
 
     # ---------------------------------------------------------------------------------------------- save/load
-
-    emo_metadata: dict  # provenance and training metadata, saved as emo_metadata.json and shown in the model card
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, push_to_hub: bool = False, **kwargs) -> None:
         """diffusers' save (safetensors) + `emo_metadata.json` and a model card (README.md).
@@ -273,11 +274,11 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             )
         if height <= 0 or height % self.vae_scale_factor:
             raise EMOInputError(f"height/width must be a positive multiple of {self.vae_scale_factor}, got {height}")
-        if not (isinstance(fps, (int, float, Fraction)) and math.isfinite(fps) and fps > 0):
+        if not (isinstance(fps, numbers.Real) and not isinstance(fps, bool) and math.isfinite(fps) and fps > 0):
             raise EMOInputError(f"fps must be a positive number, got {fps!r}")
-        if not isinstance(num_frames_per_clip, int) or num_frames_per_clip < 1:
+        if not _is_int(num_frames_per_clip) or num_frames_per_clip < 1:
             raise EMOInputError(f"num_frames_per_clip must be an int >= 1, got {num_frames_per_clip!r}")
-        if not isinstance(num_motion_frames, int) or not 0 <= num_motion_frames <= num_frames_per_clip:
+        if not _is_int(num_motion_frames) or not 0 <= num_motion_frames <= num_frames_per_clip:
             raise EMOInputError(
                 f"num_motion_frames must be an int in [0, num_frames_per_clip = {num_frames_per_clip}] (motion frames "
                 f"are the previous clip's last frames), got {num_motion_frames!r}"
@@ -289,13 +290,13 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 f"{num_motion_frames + num_frames_per_clip} exceeds the temporal layers' positional table "
                 f"(motion_max_seq_length = {limit})"
             )
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        if not _is_int(num_inference_steps) or num_inference_steps < 1:
             raise EMOInputError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
-        if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale) and guidance_scale >= 0):
+        if not (isinstance(guidance_scale, numbers.Real) and math.isfinite(guidance_scale) and guidance_scale >= 0):
             raise EMOInputError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
         if output_type not in ("np", "pil", "pt", "latent"):
             raise EMOInputError(f"output_type must be one of 'np', 'pil', 'pt', 'latent', got {output_type!r}")
-        if not isinstance(decode_chunk_size, int) or decode_chunk_size < 1:
+        if not _is_int(decode_chunk_size) or decode_chunk_size < 1:
             raise EMOInputError(f"decode_chunk_size must be an int >= 1, got {decode_chunk_size!r}")
         unknown = set(callback_on_step_end_tensor_inputs or []) - set(self._callback_tensor_inputs)
         if unknown:
