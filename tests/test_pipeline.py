@@ -261,3 +261,10 @@ def test_interrupted_write_leaves_no_file(pipe, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         pipe.write_video(target, IMAGE, speech(0.5), **settings(callback_on_step_end=interrupt))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_runs_in_bfloat16_after_to_dtype(pipe):
+    pipe.to(torch.bfloat16)
+    assert pipe.unet.dtype == torch.bfloat16 and pipe.reference_net.dtype == torch.bfloat16
+    frames = pipe(IMAGE, speech(0.2), **settings()).frames
+    assert frames.shape == (5, 64, 64, 3) and frames.dtype == np.float32 and np.isfinite(frames).all()

@@ -332,6 +332,28 @@ def test_exported_pipeline_generates_and_its_card_lists_the_stage(base_pipeline,
     assert "| 1 | 1 |" in card.text and "face_locator, reference_net, spatial" in card.text  # the stage table row
 
 
+def test_periodic_validation_writes_videos_with_the_current_weights(base_pipeline, preprocessed_dataset, tmp_path):
+    from emo_pipeline.testing import demo_assets
+
+    portrait, speech = demo_assets()
+    extra = {
+        "validation.steps": 1,
+        "validation.images": f"[{portrait}]",
+        "validation.audios": f"[{speech}]",
+        "validation.num_inference_steps": 1,
+        "validation.max_seconds": 0.5,
+        "data.size": 64,
+        "export": False,
+    }
+    train_in_process(["stage=2"] + overrides(base_pipeline, preprocessed_dataset[0], tmp_path, 2, steps=2, **extra))
+    for step in (1, 2):
+        video = tmp_path / "validation" / f"step-{step}" / "sample-0.mp4"
+        assert video.is_file() and video.stat().st_size > 0
+    from emo_pipeline.media import read_video_info
+
+    assert read_video_info(tmp_path / "validation" / "step-2" / "sample-0.mp4").num_frames == 13  # 0.5 s at 25 fps
+
+
 # --------------------------------------------------------------------------------------------------- config
 
 
