@@ -467,10 +467,12 @@ def iter_audio_features(
     parameter = next(audio_encoder.parameters())
     device, dtype = parameter.device, parameter.dtype
 
-    with torch.no_grad():
-        group_norm = _first_group_norm(audio_encoder)
-        norm_stats = None
-        for first in range(0, num_frames, frames_per_chunk):
+    group_norm = _first_group_norm(audio_encoder)
+    norm_stats = None
+    for first in range(0, num_frames, frames_per_chunk):
+        # no_grad per chunk, never across the yield: a suspended (or later garbage-collected) generator must
+        # not leave autograd disabled for its caller.
+        with torch.no_grad():
             last = min(first + frames_per_chunk, num_frames)
             chunk_positions = positions[first:last]
             step_lo = int(np.floor(chunk_positions[0]))
@@ -504,7 +506,7 @@ def iter_audio_features(
             upper = (lower + 1).clamp(max=expected - 1)
             weight = (local - lower).to(dtype)[None, :, None]
             features = hidden[:, lower] * (1 - weight) + hidden[:, upper] * weight  # (L, F_chunk, D)
-            yield features.transpose(0, 1).contiguous()
+        yield features.transpose(0, 1).contiguous()
 
 
 def extract_audio_features(

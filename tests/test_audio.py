@@ -403,3 +403,18 @@ def test_window_audio_features_edge_padding():
     torch.testing.assert_close(window_audio_features(feats, 0)[:, 0], feats)
     with pytest.raises(ValueError, match="m must be"):
         window_audio_features(feats, -1)
+
+
+def test_a_suspended_or_discarded_feature_iterator_leaves_autograd_alone(tiny_wav2vec2, speech):
+    """The pipeline stops pulling chunks once it has the frames it needs; the generator left behind must not turn
+    autograd off for whoever runs next (it once did, when it was garbage-collected inside a later training step)."""
+    import gc
+
+    model, extractor = tiny_wav2vec2
+    with torch.no_grad():
+        chunks = iter_audio_features(speech, model, extractor, fps=25, chunk_seconds=0.5, context_seconds=0.5)
+        next(chunks)
+    assert torch.is_grad_enabled()
+    del chunks
+    gc.collect()
+    assert torch.is_grad_enabled()
