@@ -172,9 +172,13 @@ def test_unclosed_writer_garbage_collected_leaves_no_file(tmp_path):
 
 _CHILD = textwrap.dedent(
     """
-    import sys, time
+    import signal, sys, time
     import numpy as np
     from emo_pipeline.media import VideoWriter
+
+    # A process started in the background by a non-interactive shell inherits SIGINT ignored; Ctrl-C is what
+    # this child stands for, so restore Python's KeyboardInterrupt handler.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     with VideoWriter(sys.argv[1], fps=25, audio=np.zeros(160000, np.float32)) as writer:
         writer.write(np.zeros((12, 64, 64, 3), np.uint8))
