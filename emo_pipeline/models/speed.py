@@ -16,8 +16,8 @@ from emo_pipeline.errors import EMOInputError
 
 __all__ = ["ModelMixin", "SpeedEncoder", "speed_bucket_encoding", "window_frames"]
 
-# Placeholder buckets spanning still heads to brisk turns; replace them with the ones `emo-preprocess` suggests
-# from your dataset's speed histogram (it writes centres/radii to a YAML the training config includes).
+# Default buckets, from still heads to brisk turns (rad/s). Train with the ones `emo-preprocess` suggests for your
+# data (speed_buckets.yaml, centres at speed quantiles), which a stage-3 config includes.
 DEFAULT_SPEED_CENTERS = (0.0, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0)
 DEFAULT_SPEED_RADII = (0.1, 0.1, 0.1, 0.15, 0.15, 0.25, 0.25, 0.5, 0.5)
 
