@@ -126,7 +126,14 @@ def main() -> int:
             command += ["--sd15-shaped"] if args.sd15_shaped else []
             child = subprocess.run(command, capture_output=True, text=True)
             if child.returncode:
-                runs.append({"stage": stage, "gradient_checkpointing": checkpointing, "error": child.stderr[-500:]})
+                reason = "killed (out of memory?)" if child.returncode == -9 else f"exit code {child.returncode}"
+                runs.append(
+                    {
+                        "stage": stage,
+                        "gradient_checkpointing": checkpointing,
+                        "error": f"{reason}: {child.stderr[-500:]}",
+                    }
+                )
             else:
                 runs.append(json.loads(child.stdout.strip().splitlines()[-1]))
             print(json.dumps(runs[-1]), flush=True)
