@@ -54,8 +54,14 @@ def bench_in_process(video: Path, work: Path, args: argparse.Namespace, encoder_
     from emo_pipeline.data.preprocess import PreprocessConfig, _load_audio_encoder, process_video
     from emo_pipeline.media import VideoWriter
 
-    config = PreprocessConfig(size=args.size, min_seconds=args.min_seconds, max_seconds=args.max_seconds,
-                              min_face=args.min_face, audio_encoder=encoder_path, frame_cache_mb=args.frame_cache_mb)
+    config = PreprocessConfig(
+        size=args.size,
+        min_seconds=args.min_seconds,
+        max_seconds=args.max_seconds,
+        min_face=args.min_face,
+        audio_encoder=encoder_path,
+        frame_cache_mb=args.frame_cache_mb,
+    )
     encoder = _load_audio_encoder(encoder_path, "cpu")
     totals = dict.fromkeys(("detect", "crop", "encode", "mesh_with_crop_and_encode", "features"), 0.0)
     output = work / "in_process"
@@ -95,9 +101,16 @@ def bench_pool(video: Path, work: Path, args: argparse.Namespace, encoder_path: 
         shutil.copy(video, sources / f"copy{index:03d}.mp4")
     start = time.perf_counter()
     summary = preprocess_videos(
-        sources, work / f"out_{workers}", size=args.size, min_seconds=args.min_seconds,
-        max_seconds=args.max_seconds, min_face=args.min_face, audio_encoder=encoder_path, workers=workers,
-        frame_cache_mb=args.frame_cache_mb, progress=False,
+        sources,
+        work / f"out_{workers}",
+        size=args.size,
+        min_seconds=args.min_seconds,
+        max_seconds=args.max_seconds,
+        min_face=args.min_face,
+        audio_encoder=encoder_path,
+        workers=workers,
+        frame_cache_mb=args.frame_cache_mb,
+        progress=False,
     )
     seconds = time.perf_counter() - start
     if summary.failed:
@@ -154,8 +167,7 @@ def main() -> None:
             "source": {"seconds": args.seconds, "size": size, "fps": args.fps},
             "output_size": args.size,
             "audio_encoder": args.audio_encoder or "tiny seeded wav2vec2 (emo_pipeline.testing)",
-            "machine": {"platform": platform.platform(), "python": sys.version.split()[0],
-                        "cpus": os.cpu_count()},
+            "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "cpus": os.cpu_count()},
             "in_process": bench_in_process(video, work, args, encoder_path),
             "pool": [bench_pool(video, work, args, encoder_path, workers) for workers in args.workers],
         }

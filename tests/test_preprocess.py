@@ -47,8 +47,19 @@ def _failures(root: Path) -> dict[str, dict]:
 
 def _cli_args(sources: Path, output: Path, encoder: str) -> list[str]:
     return [
-        os.fspath(sources), os.fspath(output), "--audio-encoder", encoder, "--size", "64", "--min-seconds", "1",
-        "--max-seconds", "2", "--min-face", "20", "--no-progress",
+        os.fspath(sources),
+        os.fspath(output),
+        "--audio-encoder",
+        encoder,
+        "--size",
+        "64",
+        "--min-seconds",
+        "1",
+        "--max-seconds",
+        "2",
+        "--min-face",
+        "20",
+        "--no-progress",
     ]  # the options of conftest.PREPROCESS_TEST_OPTIONS
 
 
@@ -62,7 +73,10 @@ def test_manifest_rows_of_the_synthetic_video(preprocessed_dataset, synthetic_so
     rows = _manifest(root)
     # Two 3 s shots, 1-2 s clips: each shot gives a 2 s and a 1 s clip; no clip spans the cut at 3 s.
     assert [(row["start"], row["end"], row["num_frames"]) for row in rows] == [
-        (0.0, 2.0, 50), (2.0, 3.0, 25), (3.0, 5.0, 50), (5.0, 6.0, 25)
+        (0.0, 2.0, 50),
+        (2.0, 3.0, 25),
+        (3.0, 5.0, 50),
+        (5.0, 6.0, 25),
     ]
     key = video_key("talk.mp4")
     assert [row["clip_id"] for row in rows] == [f"{key}-{i:04d}" for i in range(4)]
@@ -73,7 +87,11 @@ def test_manifest_rows_of_the_synthetic_video(preprocessed_dataset, synthetic_so
         assert row["path"] == f"clips/{row['clip_id']}" and row["feature_shape"] == [row["num_frames"], 2, 32]
         clip = root / row["path"]
         assert sorted(p.name for p in clip.iterdir()) == [
-            "annotations.safetensors", "audio.wav", "features.safetensors", "frames.mp4", "meta.json"
+            "annotations.safetensors",
+            "audio.wav",
+            "features.safetensors",
+            "frames.mp4",
+            "meta.json",
         ]
         assert json.loads((clip / "meta.json").read_text()) == row
         info = read_video_info(clip / "frames.mp4")
@@ -136,8 +154,12 @@ def test_bad_videos_are_listed_with_their_reason(preprocessed_dataset):
     }
     assert failures["noface.mp4"]["rejected"] == {"no_face": 1} and failures["noface.mp4"]["clips"] == 0
     assert "no audio stream" in failures["silent.mp4"]["message"]
-    assert summary.failed == 4 and summary.failures == {"multiple_faces": 1, "no_audio": 1, "no_face": 1,
-                                                         "unreadable": 1}
+    assert summary.failed == 4 and summary.failures == {
+        "multiple_faces": 1,
+        "no_audio": 1,
+        "no_face": 1,
+        "unreadable": 1,
+    }
     assert {failures[v]["reason"] for v in failures} <= set(FAILURE_REASONS) | {"no_face", "multiple_faces"}
 
     stats = json.loads((root / "stats.json").read_text())
@@ -159,8 +181,14 @@ def test_kill_after_the_first_clip_then_resume_gives_the_same_manifest(
     its manifest equals the uninterrupted 2-worker run's byte for byte."""
     reference, _ = preprocessed_dataset
     output = tmp_path / "killed"
-    command = [sys.executable, "-m", "emo_pipeline.cli.preprocess",
-               *_cli_args(synthetic_sources[0], output, tiny_audio_encoder_dir), "--workers", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "emo_pipeline.cli.preprocess",
+        *_cli_args(synthetic_sources[0], output, tiny_audio_encoder_dir),
+        "--workers",
+        "1",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     clips = output / "clips"
@@ -234,8 +262,9 @@ def test_without_frame_cache_and_with_fp16_features_the_clips_are_the_same(
     from emo_pipeline.data.preprocess import PreprocessConfig
 
     reference, _ = preprocessed_dataset
-    config = PreprocessConfig(**preprocess_options, audio_encoder=tiny_audio_encoder_dir, features_fp16=True,
-                              frame_cache_mb=0)
+    config = PreprocessConfig(
+        **preprocess_options, audio_encoder=tiny_audio_encoder_dir, features_fp16=True, frame_cache_mb=0
+    )
     (tmp_path / "clips").mkdir()
     encoder = tiny_wav2vec2()
     result = process_video(synthetic_sources[0] / "talk.mp4", "talk.mp4", tmp_path, config, encoder)
@@ -332,7 +361,8 @@ def test_crop_matches_the_inference_portrait_crop():
         scale = 64 / side
         np.testing.assert_allclose(
             [(box[0] - left) * scale, (box[1] - top) * scale, (box[2] - left) * scale, (box[3] - top) * scale],
-            box_in_crop, atol=1e-4,
+            box_in_crop,
+            atol=1e-4,
         )
         # Same pixels up to the resampling filter (area/Lanczos in OpenCV vs Lanczos in PIL).
         assert np.abs(crop.astype(float) - np.asarray(expected, float)).mean() < 25

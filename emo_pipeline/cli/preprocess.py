@@ -47,30 +47,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--features-fp16", action="store_true", help="store the audio features as float16")
     parser.add_argument(
-        "--crop-scale", type=float, default=defaults.crop_scale,
+        "--crop-scale",
+        type=float,
+        default=defaults.crop_scale,
         help=f"crop side / side of the clip's union face box (default {defaults.crop_scale:g}, as at inference)",
     )
     parser.add_argument(
-        "--min-face", type=float, default=defaults.min_face,
+        "--min-face",
+        type=float,
+        default=defaults.min_face,
         help=f"reject clips whose median face is smaller, in source pixels (default {defaults.min_face:g})",
     )
     parser.add_argument(
-        "--max-jump", type=float, default=defaults.max_jump,
+        "--max-jump",
+        type=float,
+        default=defaults.max_jump,
         help="reject clips whose face box moves/resizes more than this many face sizes in one frame",
     )
     parser.add_argument(
-        "--max-bad-frames", type=float, default=defaults.max_bad_frame_fraction,
+        "--max-bad-frames",
+        type=float,
+        default=defaults.max_bad_frame_fraction,
         help="fraction of a clip's frames allowed without a face (and, separately, with two)",
     )
     parser.add_argument(
-        "--scene-threshold", type=float, default=defaults.scene_threshold,
+        "--scene-threshold",
+        type=float,
+        default=defaults.scene_threshold,
         help="histogram distance (0-1) between consecutive frames that counts as a scene cut",
     )
     parser.add_argument("--crf", type=int, default=defaults.crf, help="H.264 quality of the clip videos")
-    parser.add_argument("--speed-buckets", type=int, default=defaults.speed_buckets,
-                        help="number of speed buckets to suggest in speed_buckets.yaml")
-    parser.add_argument("--frame-cache-mb", type=float, default=defaults.frame_cache_mb,
-                        help="decoded frames kept per process; beyond it frames are decoded twice")
+    parser.add_argument(
+        "--speed-buckets",
+        type=int,
+        default=defaults.speed_buckets,
+        help="number of speed buckets to suggest in speed_buckets.yaml",
+    )
+    parser.add_argument(
+        "--frame-cache-mb",
+        type=float,
+        default=defaults.frame_cache_mb,
+        help="decoded frames kept per process; beyond it frames are decoded twice",
+    )
     parser.add_argument("--device", default=defaults.device, help="device for wav2vec2 (cpu, cuda, ...)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every rejected clip")

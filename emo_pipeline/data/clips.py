@@ -266,8 +266,9 @@ def write_clip(
         clip_audio = pcm.astype(np.float32) / 32768.0  # exactly what load_audio reads back from audio.wav
 
         written = 0
-        with VideoWriter(os.path.join(tmp, FRAMES_FILE), fps=fps, audio=clip_audio, sample_rate=sample_rate,
-                         crf=crf, preset="fast") as writer:
+        with VideoWriter(
+            os.path.join(tmp, FRAMES_FILE), fps=fps, audio=clip_audio, sample_rate=sample_rate, crf=crf, preset="fast"
+        ) as writer:
 
             def cropped() -> Iterator[np.ndarray]:
                 nonlocal written
@@ -350,8 +351,9 @@ def load_annotations(clip_dir: str | os.PathLike[str]) -> dict[str, np.ndarray]:
 
     path = os.path.join(os.fspath(clip_dir), ANNOTATIONS_FILE)
     if not os.path.exists(path):
-        raise EMOInputError(f"clip folder {os.fspath(clip_dir)!r} has no {ANNOTATIONS_FILE}; is it an emo-preprocess "
-                            "dataset?")
+        raise EMOInputError(
+            f"clip folder {os.fspath(clip_dir)!r} has no {ANNOTATIONS_FILE}; is it an emo-preprocess dataset?"
+        )
     return load_file(path)
 
 

@@ -98,7 +98,11 @@ class TalkingHeadDataset(Dataset):
         if self.num_skipped:
             logger.warning(
                 "TalkingHeadDataset(%s, stage %d): %d of %d clips have fewer than %d frames and are skipped",
-                self.root, stage, self.num_skipped, len(rows), needed,
+                self.root,
+                stage,
+                self.num_skipped,
+                len(rows),
+                needed,
             )
         if stage != 1:
             for row in self.clips:

@@ -328,8 +328,9 @@ def process_video(
     start = time.perf_counter()
     clip_seconds = [0.0]
     try:
-        _process(os.fspath(path), source, os.fspath(output_dir), config, audio_encoder, decode_threads, result,
-                 clip_seconds)
+        _process(
+            os.fspath(path), source, os.fspath(output_dir), config, audio_encoder, decode_threads, result, clip_seconds
+        )
     except _VideoFailure as failure:
         result.fail(failure.reason, str(failure))
     except Exception as error:  # one bad video never stops the run: record it with the traceback's last frame
@@ -346,8 +347,11 @@ def process_video(
         else:
             result.fail("too_short", f"no shot of at least {config.min_seconds:g} s")
     total = time.perf_counter() - start
-    result.timings = {"analysis": round(total - clip_seconds[0], 4), "clips": round(clip_seconds[0], 4),
-                      "total": round(total, 4)}
+    result.timings = {
+        "analysis": round(total - clip_seconds[0], 4),
+        "clips": round(clip_seconds[0], 4),
+        "total": round(total, 4),
+    }
     return result
 
 
@@ -411,8 +415,9 @@ def _process(
             f"{audio.size / SAMPLE_RATE:.2f} s) < min_seconds {config.min_seconds:g}",
         )
     # Target frame k shows the source frame on screen at the target frame's centre time.
-    source_index = np.minimum(((np.arange(total) + 0.5) * (source_fps / float(fps))).astype(np.int64),
-                              source_frames - 1)
+    source_index = np.minimum(
+        ((np.arange(total) + 0.5) * (source_fps / float(fps))).astype(np.int64), source_frames - 1
+    )
 
     key = video_key(source)
     clips_dir = os.path.join(output_dir, CLIPS_DIR)
@@ -478,8 +483,17 @@ def _process(
         }
         began = time.perf_counter()
         written, detail = write_clip(
-            clip_dir, windows(first, end), region, track, clip_audio, fps, config.size, row,
-            audio_encoder=audio_encoder, features_fp16=config.features_fp16, crf=config.crf,
+            clip_dir,
+            windows(first, end),
+            region,
+            track,
+            clip_audio,
+            fps,
+            config.size,
+            row,
+            audio_encoder=audio_encoder,
+            features_fp16=config.features_fp16,
+            crf=config.crf,
             sample_rate=SAMPLE_RATE,
         )
         clip_seconds[0] += time.perf_counter() - began
@@ -512,8 +526,10 @@ def _process(
         scale = min(1.0, ANALYSIS_SIDE / max(height, width))
         for j, k in enumerate(ks.tolist()):
             frame = batch[inverse[j]]
-            small = frame if scale == 1.0 else cv2.resize(
-                frame, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA
+            small = (
+                frame
+                if scale == 1.0
+                else cv2.resize(frame, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)
             )
             if detector.update(small):
                 emit(*splitter.close(k))
@@ -599,8 +615,12 @@ def _init_worker(config: PreprocessConfig, output_dir: str, threads: int) -> Non
     import torch
 
     torch.set_num_threads(threads)
-    _WORKER.update(config=config, output_dir=output_dir, threads=threads,
-                   encoder=_load_audio_encoder(config.audio_encoder, config.device))
+    _WORKER.update(
+        config=config,
+        output_dir=output_dir,
+        threads=threads,
+        encoder=_load_audio_encoder(config.audio_encoder, config.device),
+    )
 
 
 def _worker_ping() -> int:
@@ -608,12 +628,14 @@ def _worker_ping() -> int:
 
 
 def _worker_job(path: str, source: str) -> VideoResult:
-    return process_video(path, source, _WORKER["output_dir"], _WORKER["config"], _WORKER["encoder"],
-                         decode_threads=_WORKER["threads"])
+    return process_video(
+        path, source, _WORKER["output_dir"], _WORKER["config"], _WORKER["encoder"], decode_threads=_WORKER["threads"]
+    )
 
 
-def _run_pool(jobs: list[tuple[str, str]], workers: int, config: PreprocessConfig, output_dir: str,
-              on_result: Any) -> None:
+def _run_pool(
+    jobs: list[tuple[str, str]], workers: int, config: PreprocessConfig, output_dir: str, on_result: Any
+) -> None:
     """Run jobs in `workers` spawn processes. A job whose worker dies (BrokenProcessPool) is retried alone in a
     fresh pool; if it kills that one too it fails as "crashed"."""
     import multiprocessing
@@ -624,15 +646,19 @@ def _run_pool(jobs: list[tuple[str, str]], workers: int, config: PreprocessConfi
     pending = deque((path, source, 0) for path, source in jobs)
 
     def new_pool() -> ProcessPoolExecutor:
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_init_worker, initargs=(config, output_dir, threads))
+        pool = ProcessPoolExecutor(
+            workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(config, output_dir, threads),
+        )
         try:  # a pool that cannot run a no-op is an environment problem, not a bad video: stop the run
             pool.submit(_worker_ping).result()
         except BrokenProcessPool as error:
             pool.shutdown(wait=False, cancel_futures=True)
             raise RuntimeError(
                 "emo-preprocess worker processes fail to start (see the errors above); when calling "
-                "preprocess_videos(workers > 1) from a script, guard it with `if __name__ == \"__main__\":`"
+                'preprocess_videos(workers > 1) from a script, guard it with `if __name__ == "__main__":`'
             ) from error
         return pool
 
@@ -722,12 +748,22 @@ def preprocess_videos(
     """
     started = time.perf_counter()
     config = PreprocessConfig(
-        fps=float(fps), size=size, min_seconds=float(min_seconds), max_seconds=float(max_seconds),
-        crop_scale=float(crop_scale), min_face=float(min_face), max_jump=float(max_jump),
-        max_bad_frame_fraction=float(max_bad_frame_fraction), scene_threshold=float(scene_threshold),
+        fps=float(fps),
+        size=size,
+        min_seconds=float(min_seconds),
+        max_seconds=float(max_seconds),
+        crop_scale=float(crop_scale),
+        min_face=float(min_face),
+        max_jump=float(max_jump),
+        max_bad_frame_fraction=float(max_bad_frame_fraction),
+        scene_threshold=float(scene_threshold),
         detection_confidence=float(detection_confidence),
-        audio_encoder=None if audio_encoder is None else os.fspath(audio_encoder), features_fp16=bool(features_fp16),
-        crf=int(crf), speed_buckets=int(speed_buckets), frame_cache_mb=float(frame_cache_mb), device=str(device),
+        audio_encoder=None if audio_encoder is None else os.fspath(audio_encoder),
+        features_fp16=bool(features_fp16),
+        crf=int(crf),
+        speed_buckets=int(speed_buckets),
+        frame_cache_mb=float(frame_cache_mb),
+        device=str(device),
     )
     config.validate()
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -767,8 +803,14 @@ def preprocess_videos(
         from tqdm.auto import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 
-        bar = tqdm(total=len(sources), initial=skipped, desc="emo-preprocess", unit="video", disable=not progress,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=len(sources),
+            initial=skipped,
+            desc="emo-preprocess",
+            unit="video",
+            disable=not progress,
+            dynamic_ncols=True,
+        )
 
         def on_result(video: VideoResult) -> None:
             nonlocal processed
@@ -791,8 +833,11 @@ def preprocess_videos(
             _write_atomic(_state_path(out, video.source), json.dumps(state, indent=1, sort_keys=True) + "\n")
             states[video.source] = state
             bar.update(1)
-            bar.set_postfix(clips=sum(len(s["clips"]) for s in states.values()),
-                            failed=sum(s["status"] == "failed" for s in states.values()), refresh=False)
+            bar.set_postfix(
+                clips=sum(len(s["clips"]) for s in states.values()),
+                failed=sum(s["status"] == "failed" for s in states.values()),
+                refresh=False,
+            )
             if time.monotonic() - last_write[0] > _MANIFEST_INTERVAL:
                 _write_manifest(out, sources, states)
                 last_write[0] = time.monotonic()
@@ -811,9 +856,16 @@ def preprocess_videos(
         stats = _write_statistics(out, sources, states, rows, config)
     failures = Counter(s["reason"] for s in (states.get(src) for src in sources) if s and s["status"] == "failed")
     return PreprocessSummary(
-        output_dir=out, videos=len(sources), processed=processed, skipped=skipped,
-        failed=sum(failures.values()), clips=len(rows), hours=stats["hours"], rejected=stats["rejected_clips"],
-        failures=dict(sorted(failures.items())), seconds=round(time.perf_counter() - started, 3),
+        output_dir=out,
+        videos=len(sources),
+        processed=processed,
+        skipped=skipped,
+        failed=sum(failures.values()),
+        clips=len(rows),
+        hours=stats["hours"],
+        rejected=stats["rejected_clips"],
+        failures=dict(sorted(failures.items())),
+        seconds=round(time.perf_counter() - started, 3),
     )
 
 
@@ -856,18 +908,32 @@ def _write_manifest(output_dir: str, sources: list[str], states: dict[str, dict[
             if row is not None:
                 rows.append(row)
         if state["status"] == "failed":
-            failures.append({"video": source, "reason": state["reason"], "message": state["message"],
-                             "rejected": state["rejected"], "clips": len(state["clips"])})
+            failures.append(
+                {
+                    "video": source,
+                    "reason": state["reason"],
+                    "message": state["message"],
+                    "rejected": state["rejected"],
+                    "clips": len(state["clips"]),
+                }
+            )
     rows.sort(key=lambda row: (row["source"], row["start"], row["clip_id"]))
-    _write_atomic(os.path.join(output_dir, MANIFEST_FILE),
-                  "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
-    _write_atomic(os.path.join(output_dir, FAILURES_FILE),
-                  "".join(json.dumps(row, sort_keys=True) + "\n" for row in failures))
+    _write_atomic(
+        os.path.join(output_dir, MANIFEST_FILE), "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
+    )
+    _write_atomic(
+        os.path.join(output_dir, FAILURES_FILE), "".join(json.dumps(row, sort_keys=True) + "\n" for row in failures)
+    )
     return rows
 
 
-def _write_statistics(output_dir: str, sources: list[str], states: dict[str, dict[str, Any]],
-                      rows: list[dict[str, Any]], config: PreprocessConfig) -> dict[str, Any]:
+def _write_statistics(
+    output_dir: str,
+    sources: list[str],
+    states: dict[str, dict[str, Any]],
+    rows: list[dict[str, Any]],
+    config: PreprocessConfig,
+) -> dict[str, Any]:
     speeds = [load_annotations(os.path.join(output_dir, row["path"]))["speed"] for row in rows]
     stats = dataset_statistics(rows, speeds, num_buckets=config.speed_buckets)
     recorded = [states[s] for s in sources if s in states]
@@ -885,6 +951,7 @@ def _write_statistics(output_dir: str, sources: list[str], states: dict[str, dic
     )
     _write_atomic(os.path.join(output_dir, STATS_FILE), json.dumps(stats, indent=1, sort_keys=True) + "\n")
     buckets = stats["speed_buckets"]
-    write_speed_buckets_yaml(os.path.join(output_dir, SPEED_BUCKETS_FILE), buckets["centers"], buckets["radii"],
-                             stats["frames"])
+    write_speed_buckets_yaml(
+        os.path.join(output_dir, SPEED_BUCKETS_FILE), buckets["centers"], buckets["radii"], stats["frames"]
+    )
     return stats

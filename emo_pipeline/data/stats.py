@@ -22,8 +22,13 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["SPEED_HISTOGRAM_BIN", "SPEED_HISTOGRAM_MAX", "dataset_statistics", "suggest_speed_buckets",
-           "write_speed_buckets_yaml"]
+__all__ = [
+    "SPEED_HISTOGRAM_BIN",
+    "SPEED_HISTOGRAM_MAX",
+    "dataset_statistics",
+    "suggest_speed_buckets",
+    "write_speed_buckets_yaml",
+]
 
 SPEED_HISTOGRAM_BIN = 0.1  # rad/s per histogram bin
 SPEED_HISTOGRAM_MAX = 3.0  # rad/s; faster frames go to the last (overflow) bin
@@ -94,13 +99,15 @@ def dataset_statistics(
     }
 
 
-def write_speed_buckets_yaml(path: str | os.PathLike[str], centers: Sequence[float], radii: Sequence[float],
-                             num_frames: int) -> None:
+def write_speed_buckets_yaml(
+    path: str | os.PathLike[str], centers: Sequence[float], radii: Sequence[float], num_frames: int
+) -> None:
     """Write `speed_encoder_config: {centers, radii}` as YAML (OmegaConf) with a comment saying how it was made."""
     from omegaconf import OmegaConf
 
-    body = OmegaConf.to_yaml(OmegaConf.create({"speed_encoder_config": {"centers": list(centers),
-                                                                        "radii": list(radii)}}))
+    body = OmegaConf.to_yaml(
+        OmegaConf.create({"speed_encoder_config": {"centers": list(centers), "radii": list(radii)}})
+    )
     header = (
         "# Speed buckets of EMO's speed layers (SpeedEncoder), suggested by emo-preprocess from the head rotation\n"
         f"# speeds (rad/s) of {num_frames} frames: centres at the (i + 0.5) / d quantiles, radii = gap to the\n"
