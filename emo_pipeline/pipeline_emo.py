@@ -432,37 +432,24 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         )
         return self._generate(
             plan,
-            fps,
-            num_frames_per_clip,
-            num_motion_frames,
-            num_inference_steps,
-            guidance_scale,
-            generator,
-            output_type,
-            watermark,
-            eta,
-            decode_chunk_size,
-            callback_on_step_end,
-            tensor_inputs,
+            fps=fps,
+            f=num_frames_per_clip,
+            n=num_motion_frames,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            output_type=output_type,
+            watermark=watermark,
+            eta=eta,
+            decode_chunk_size=decode_chunk_size,
+            callback_on_step_end=callback_on_step_end,
+            tensor_inputs=tensor_inputs,
         )
 
     @torch.no_grad()
-    def _generate(
-        self,
-        plan: _Plan,
-        fps,
-        f,
-        n,
-        num_inference_steps,
-        guidance_scale,
-        generator,
-        output_type,
-        watermark,
-        eta,
-        decode_chunk_size,
-        callback_on_step_end,
-        tensor_inputs,
-    ):
+    def _generate(self, plan: _Plan, *, fps, f, n, num_inference_steps, guidance_scale, generator, output_type,
+                  watermark, eta, decode_chunk_size, callback_on_step_end, tensor_inputs):  # fmt: skip
+        """The clip loop of `iter_clips` (arguments already checked; `f`, `n`: clip and motion-frame lengths)."""
         device = self._execution_device
         dtype = self.unet.dtype
         do_guidance = guidance_scale > 1.0
