@@ -383,7 +383,13 @@ def train(config: TrainConfig) -> TrainResult:
     set_seed(config.seed)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
-    pipe = EMOPipeline.from_pretrained(config.pretrained)
+    try:
+        pipe = EMOPipeline.from_pretrained(config.pretrained)
+    except (OSError, ValueError) as error:  # no such folder / Hub repo, or not an EMOPipeline
+        raise EMOInputError(
+            f"pretrained: cannot load an EMOPipeline from {config.pretrained!r} (an emo-convert output or a previous "
+            f"stage's export folder, or a Hub id): {error}"
+        ) from error
     pipe.set_progress_bar_config(disable=True)
     vae = pipe.vae.requires_grad_(False)
     pipe.audio_encoder.requires_grad_(False)

@@ -354,6 +354,19 @@ def test_periodic_validation_writes_videos_with_the_current_weights(base_pipelin
     assert read_video_info(tmp_path / "validation" / "step-2" / "sample-0.mp4").num_frames == 13  # 0.5 s at 25 fps
 
 
+def test_bad_pretrained_or_data_exits_2_naming_the_input(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "training"))
+    try:
+        from train import main
+    finally:
+        sys.path.pop(0)
+    config = str(REPO / "configs/train/stage1.yaml")
+    code = main(["--config", config, f"pretrained={tmp_path / 'missing'}", f"data.root={tmp_path}", "report_to=none"])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "pretrained: cannot load an EMOPipeline" in error and str(tmp_path / "missing") in error
+
+
 # --------------------------------------------------------------------------------------------------- config
 
 
