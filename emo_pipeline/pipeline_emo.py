@@ -13,13 +13,17 @@ chunks.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
 import numbers
 import os
+import re
+import textwrap
+import typing
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +40,7 @@ from diffusers import (
     SchedulerMixin,
     UniPCMultistepScheduler,
 )
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
@@ -48,7 +53,7 @@ from emo_pipeline.models.attention import ReferenceFeatures
 from emo_pipeline.models.backbone import EMOUNet3DConditionModel
 from emo_pipeline.models.reference_net import ReferenceNet
 
-__all__ = ["SCHEDULERS", "EMOPipeline", "EMOPipelineOutput"]
+__all__ = ["SCHEDULERS", "EMOPipeline", "EMOPipelineOutput", "GenerationSettings"]
 
 SAMPLE_RATE = 16000  # wav2vec2's rate
 
@@ -78,6 +83,137 @@ class EMOPipelineOutput(BaseOutput):
     sample_rate: int
     fps: float
     face_mask: np.ndarray
+
+
+@dataclass
+class GenerationSettings:
+    """The generation arguments of `EMOPipeline.__call__`, `iter_clips` and `write_video`, defined once.
+
+    The three methods take these fields as keyword-only arguments; their signatures (`inspect.signature`) and
+    `help()` list every one with the default below (the paper's where it gives one). The clip loop reads them from
+    an instance of this class.
+
+    Args:
+        height: output height in pixels: equal to `width` (the portrait is cropped square around its face) and a
+            multiple of the VAE factor (8 for SD).
+        width: output width in pixels (see `height`).
+        fps: output frame rate (frames/s). The video has `ceil(audio duration * fps)` frames.
+        num_frames_per_clip: frames per clip `f` (the paper: 12). The last clip is trimmed to the audio.
+        num_motion_frames: frames `n` of the previous clip that the temporal layers see (the paper: 4).
+        num_inference_steps: denoising steps per clip (the paper: DDIM, 40).
+        guidance_scale: classifier-free guidance on the audio: the scheduler gets `u + s * (c - u)`, `u` the
+            no-audio branch and `c` the audio branch, batched into one backbone call; <= 1 runs the audio branch
+            only. It applies afresh to every clip; a callback may change it for the rest of the clip's steps with
+            `pipe._guidance_scale = value`, as in diffusers.
+        speed: head rotation speed in rad/s: one float, or one value per video frame; None: no speed condition.
+        face_mask: face-region mask of the input image's size (array or PIL image, > 0.5 or > 127 on the face):
+            skips face detection.
+        face_box: `(x0, y0, x1, y1)` face box in input-image pixels: skips face detection.
+        face_index: which detected face (largest first) when the image has several; default the largest.
+        generator: makes the noise reproducible (bit-identical on CPU).
+        output_type: "np": `(N, H, W, 3)` float32 in [0, 1]; "pil": a list of PIL images; "pt": `(N, 3, H, W)`
+            float32 in [0, 1] on the VAE's device; "latent": `(1, 4, N, h, w)` (clips untrimmed). `write_video`
+            takes "np", "pt" or "pil".
+        watermark: embed the invisible provenance watermark in every frame (see `emo_pipeline.watermark`).
+        eta: DDIM's eta (schedulers without one ignore it).
+        decode_chunk_size: frames the VAE decodes per call (memory vs speed).
+        audio_sample_rate: sample rate of an `audio` array in Hz (default 16000); files carry their own.
+        max_audio_seconds: longer audio is refused (None: no limit).
+        callback_on_step_end: `fn(pipe, step, timestep, tensors) -> dict` called after every denoising step of
+            every clip (`step` restarts at 0 in each clip, `pipe.clip_index` tells the clip), or a diffusers
+            `PipelineCallback` / `MultiPipelineCallbacks`. `tensors` holds the inputs named in
+            `callback_on_step_end_tensor_inputs`; those the callback returns replace the pipeline's: `latents`
+            `(1, 4, f, h, w)` for the rest of the clip, `motion_latents` `(1, n, 4, h, w)` as this clip's motion
+            frames (the ReferenceNet encodes the new ones). It may also set `pipe._guidance_scale`, or
+            `pipe._interrupt = True` to stop: as in diffusers the clip in progress skips its remaining steps and is
+            returned as it stands; no later clip is generated.
+        callback_on_step_end_tensor_inputs: which of `EMOPipeline._callback_tensor_inputs` the callback gets.
+    """
+
+    height: int = 512
+    width: int = 512
+    fps: float = 25
+    num_frames_per_clip: int = 12
+    num_motion_frames: int = 4
+    num_inference_steps: int = 40
+    guidance_scale: float = 3.5
+    speed: float | np.ndarray | torch.Tensor | None = None
+    face_mask: np.ndarray | PIL.Image.Image | torch.Tensor | None = None
+    face_box: tuple[float, float, float, float] | None = None
+    face_index: int | None = None
+    generator: torch.Generator | None = None
+    output_type: str = "np"
+    watermark: bool = True
+    eta: float = 0.0
+    decode_chunk_size: int = 8
+    audio_sample_rate: int | None = None
+    max_audio_seconds: float | None = 3600.0
+    callback_on_step_end: (
+        Callable[[DiffusionPipeline, int, int, dict], dict] | PipelineCallback | MultiPipelineCallbacks | None
+    ) = None
+    callback_on_step_end_tensor_inputs: tuple[str, ...] | list[str] = ("latents",)
+
+
+# The positional inputs of `__call__`, `iter_clips` and `write_video`, documented once like `GenerationSettings`.
+_INPUTS_DOC = """\
+image: the portrait: a path, PIL image or `(H, W, 3)` uint8 array. It is cropped square around its face.
+audio: speech or singing: a path or file of any format PyAV reads, bytes, or a float array at
+    `audio_sample_rate` (default 16 kHz). The video has `ceil(duration * fps)` frames."""
+
+
+def _takes_generation_settings(method: Callable) -> Callable:
+    """Give `method(self, ..., *, settings: GenerationSettings)` the fields of `GenerationSettings` as keyword-only
+    arguments, so one definition serves `__call__`, `iter_clips` and `write_video`.
+
+    The wrapper's `__signature__` lists every field with its default (`inspect.signature`, `help()`); its docstring
+    is the method's, whose Args section (its last) gets `image`/`audio` first and the fields' entries last; a call
+    binds its arguments as a plain signature would: an unknown or missing argument is a `TypeError` naming it.
+    """
+    hints = typing.get_type_hints(method)
+    setting_hints = typing.get_type_hints(GenerationSettings)
+    names = [field.name for field in fields(GenerationSettings)]
+    own = [
+        parameter.replace(annotation=hints.get(name, parameter.annotation))
+        for name, parameter in inspect.signature(method).parameters.items()
+        if name != "settings"
+    ]
+    shared = [
+        inspect.Parameter(
+            field.name, inspect.Parameter.KEYWORD_ONLY, default=field.default, annotation=setting_hints[field.name]
+        )
+        for field in fields(GenerationSettings)
+    ]
+    signature = inspect.Signature(own + shared, return_annotation=hints.get("return", inspect.Signature.empty))
+
+    own_doc = inspect.cleandoc(method.__doc__ or "")
+    if "\nArgs:" not in own_doc:
+        raise TypeError(f"{method.__qualname__}: its docstring must end with an Args section")
+    head, own_args = own_doc.split("\nArgs:", 1)
+    settings_args = textwrap.dedent(GenerationSettings.__doc__.split("Args:\n", 1)[1])
+    entries = {}  # argument name -> its doc entry (first line "name: ...", continuation lines indented)
+    for block in (textwrap.dedent(own_args), _INPUTS_DOC, settings_args):
+        for entry in re.split(r"\n(?=\w+:)", block.strip("\n")):
+            if entry:
+                entries[entry.split(":", 1)[0]] = entry
+    documented = [name for name in signature.parameters if name != "self"]
+    if set(entries) != set(documented):
+        raise TypeError(f"{method.__qualname__}: documented {sorted(entries)} but takes {documented}")
+    doc = head.rstrip() + "\n\nArgs:\n" + "\n".join(textwrap.indent(entries[name], "    ") for name in documented)
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError as error:
+            raise TypeError(f"{method.__qualname__}(): {error}") from None
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        settings = GenerationSettings(**{name: arguments.pop(name) for name in names})
+        return method(**arguments, settings=settings)
+
+    wrapper.__signature__ = signature
+    wrapper.__doc__ = doc
+    return wrapper
 
 
 @dataclass
@@ -122,26 +258,6 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _read_metadata(path_or_id: str | os.PathLike, kwargs: dict) -> dict:
-    from emo_pipeline.hub import EMO_METADATA_FILE, read_metadata
-
-    if Path(path_or_id).is_dir():
-        return read_metadata(path_or_id)
-    try:
-        from huggingface_hub import hf_hub_download
-
-        file = hf_hub_download(
-            str(path_or_id),
-            EMO_METADATA_FILE,
-            revision=kwargs.get("revision"),
-            cache_dir=kwargs.get("cache_dir"),
-            token=kwargs.get("token"),
-        )
-        return json.loads(Path(file).read_text())
-    except Exception:  # noqa: BLE001 - metadata is optional; the weights loaded
-        return {}
-
-
 class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     """Audio-driven portrait video generation with EMO.
 
@@ -149,13 +265,25 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     `audio_encoder` (`Wav2Vec2Model`), `feature_extractor` (`Wav2Vec2FeatureExtractor`), `scheduler` (any diffusers
     scheduler with `set_timesteps`/`step`; DDIM by default).
 
-    LoRA (diffusers' loader, backbone only): `pipe.load_lora_weights(path_or_repo)`, `pipe.unload_lora_weights()`,
-    `pipe.fuse_lora()`, `EMOPipeline.save_lora_weights(folder, unet_lora_layers=...)`.
+    Generate with `pipe(image, audio, ...)` (the whole video in memory), `pipe.iter_clips(...)` (clip by clip) or
+    `pipe.write_video(path, ...)` (streamed to an mp4); they share the keyword arguments of `GenerationSettings`.
+    During a call, as in diffusers' video pipelines: `pipe.guidance_scale`, `pipe.do_classifier_free_guidance`,
+    `pipe.num_timesteps` (denoising steps per clip), `pipe.interrupt`, and `pipe.clip_index` (the clip being
+    denoised); a `callback_on_step_end` may set `pipe._guidance_scale` or `pipe._interrupt`.
+
+    LoRA (diffusers' loader, backbone only; needs peft): `pipe.load_lora_weights(path_or_repo, adapter_name=...)`,
+    `pipe.set_adapters(names, weights)`, `pipe.fuse_lora()` / `pipe.unfuse_lora()`, `pipe.delete_adapters(names)`,
+    `pipe.unload_lora_weights()`, `EMOPipeline.save_lora_weights(folder, unet_lora_layers=...)`.
     """
 
     _lora_loadable_modules = ["unet"]
     model_cpu_offload_seq = "audio_encoder->reference_net->unet->vae"
     _callback_tensor_inputs = ["latents", "motion_latents"]
+    # Per-call state, read through the properties below (diffusers' names). Class defaults until the first call.
+    _guidance_scale: float | None = None
+    _num_timesteps: int | None = None
+    _interrupt: bool = False
+    clip_index: int | None = None
 
     def __init__(
         self,
@@ -177,7 +305,6 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         )
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.emo_metadata: dict = {}  # provenance and training history: emo_metadata.json and the model card
-        self.reference_net_calls = 0  # ReferenceNet forwards of the last video (1 + number of clips)
 
     # ---------------------------------------------------------------------------------------------- save/load
 
@@ -233,11 +360,45 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             _pipeline=self,
         )
 
+    def fuse_lora(
+        self,
+        components: list[str] | None = None,
+        lora_scale: float = 1.0,
+        safe_fusing: bool = False,
+        adapter_names: list[str] | None = None,
+        **kwargs,
+    ) -> None:
+        """Fuse the active (or the named) LoRA adapters into the backbone's weights: faster inference, same output.
+
+        diffusers' `fuse_lora` with the backbone as the default component (its Stable Diffusion default also names a
+        text encoder, which EMO does not have). `lora_scale` scales the fused update; `unfuse_lora()` undoes it.
+        """
+        super().fuse_lora(
+            components=components or list(self._lora_loadable_modules),
+            lora_scale=lora_scale,
+            safe_fusing=safe_fusing,
+            adapter_names=adapter_names,
+            **kwargs,
+        )
+
+    def unfuse_lora(self, components: list[str] | None = None, **kwargs) -> None:
+        """Undo `fuse_lora`: the backbone's weights are restored and the adapters act unfused again."""
+        super().unfuse_lora(components=components or list(self._lora_loadable_modules), **kwargs)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> EMOPipeline:
-        """diffusers' loader (folder or hub id), plus the `emo_metadata.json` provenance when present."""
+        """diffusers' loader (folder or hub id), plus the `emo_metadata.json` provenance when present.
+
+        A repo or folder without that file loads with empty metadata; an error reading it from the Hub (auth,
+        network) is raised, not hidden (see `emo_pipeline.hub.read_metadata`).
+        """
+        from emo_pipeline.hub import read_metadata
+
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        pipe.emo_metadata = _read_metadata(pretrained_model_name_or_path, kwargs)
+        hub_kwargs = ("revision", "cache_dir", "token", "local_files_only")
+        pipe.emo_metadata = read_metadata(
+            pretrained_model_name_or_path, **{key: kwargs[key] for key in hub_kwargs if key in kwargs}
+        )
         return pipe
 
     def set_scheduler(self, name: str, **config_overrides) -> None:
@@ -248,6 +409,26 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         self.scheduler = SCHEDULERS[name].from_config(self.scheduler.config, **config_overrides)
 
     # ------------------------------------------------------------------------------------------------- inputs
+
+    @property
+    def guidance_scale(self) -> float | None:
+        """The audio guidance scale of the clip being denoised (a callback may set `pipe._guidance_scale`)."""
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """Whether this step runs both branches (no audio, audio): `guidance_scale > 1`."""
+        return self._guidance_scale is not None and self._guidance_scale > 1
+
+    @property
+    def num_timesteps(self) -> int | None:
+        """Denoising steps per clip of the current (or last) call: `len(scheduler.timesteps)`."""
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """Set `pipe._interrupt = True` (e.g. from a callback) to stop generating after the current step."""
+        return self._interrupt
 
     @property
     def audio_window(self) -> int:
@@ -266,6 +447,7 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         output_type: str,
         decode_chunk_size: int,
         callback_on_step_end_tensor_inputs: list[str] | None,
+        callback_on_step_end: Callable | None = None,
     ) -> None:
         """Raise `EMOInputError` naming the first unusable argument."""
         if height != width:
@@ -298,6 +480,11 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             raise EMOInputError(f"output_type must be one of 'np', 'pil', 'pt', 'latent', got {output_type!r}")
         if not _is_int(decode_chunk_size) or decode_chunk_size < 1:
             raise EMOInputError(f"decode_chunk_size must be an int >= 1, got {decode_chunk_size!r}")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise EMOInputError(
+                f"callback_on_step_end must be callable (pipe, step, timestep, tensors) -> dict, got "
+                f"{type(callback_on_step_end).__name__}"
+            )
         unknown = set(callback_on_step_end_tensor_inputs or []) - set(self._callback_tensor_inputs)
         if unknown:
             raise EMOInputError(
@@ -323,7 +510,11 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     @torch.no_grad()
     def encode_image(self, image: PIL.Image.Image, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """RGB image -> `(1, 4, h, w)` scaled VAE latents (the distribution's mode: deterministic)."""
+        """RGB image -> `(1, 4, h, w)` scaled VAE latents of the reference image.
+
+        The latent distribution's mode (its mean), not a sample: the reference is deterministic, the same for every
+        seed, and matches what training feeds the ReferenceNet (also the mode).
+        """
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
         latents = self.vae.encode(pixels.to(device=device, dtype=self.vae.dtype)).latent_dist.mode()
         return (latents * self.vae.config.scaling_factor).to(dtype)
@@ -337,10 +528,6 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         ]
         return (torch.cat(decoded) / 2 + 0.5).clamp(0, 1)
 
-    def _reference_features(self, latents: torch.Tensor) -> ReferenceFeatures:
-        self.reference_net_calls += 1
-        return self.reference_net(latents)
-
     def _scheduler_step_kwargs(self, generator, eta: float) -> dict:
         accepted = set(inspect.signature(self.scheduler.step).parameters)
         kwargs = {}
@@ -352,191 +539,24 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     # ----------------------------------------------------------------------------------------------- generate
 
-    def iter_clips(
-        self,
-        image: Any,
-        audio: Any,
-        height: int = 512,
-        width: int = 512,
-        fps: float = 25,
-        num_frames_per_clip: int = 12,
-        num_motion_frames: int = 4,
-        num_inference_steps: int = 40,
-        guidance_scale: float = 3.5,
-        speed: float | np.ndarray | torch.Tensor | None = None,
-        face_mask: Any = None,
-        face_box: Any = None,
-        face_index: int | None = None,
-        generator: torch.Generator | None = None,
-        output_type: str = "np",
-        watermark: bool = True,
-        eta: float = 0.0,
-        decode_chunk_size: int = 8,
-        audio_sample_rate: int | None = None,
-        max_audio_seconds: float | None = 3600.0,
-        callback_on_step_end: Callable[[EMOPipeline, int, int, dict], dict] | None = None,
-        callback_on_step_end_tensor_inputs: list[str] | None = None,
-    ) -> Iterator[np.ndarray | list[PIL.Image.Image] | torch.Tensor]:
-        """Generate the video clip by clip: an iterator over each clip's frames, yielded as soon as decoded.
+    @_takes_generation_settings
+    def __call__(
+        self, image: Any, audio: Any, *, return_dict: bool = True, settings: GenerationSettings
+    ) -> EMOPipelineOutput | tuple:
+        """Generate the whole video in memory; `iter_clips` and `write_video` stream it with flat memory instead.
 
-        Inputs are loaded and checked when this is called (bad input raises `EMOInputError` here, not at the
-        first `next`); generation runs as the iterator is consumed. `self.last_plan` holds the loaded audio,
-        the prepared portrait and the frame count.
+        Returns an `EMOPipelineOutput` (frames, audio, sample_rate, fps, face_mask), or `(frames,)` when
+        `return_dict=False`.
 
         Args:
-            image: the portrait: a path, PIL image or `(H, W, 3)` array. It is cropped square around its face.
-            audio: speech or singing: a path or file of any format PyAV reads, bytes, or a float array at
-                `audio_sample_rate` (default 16 kHz). The video has `ceil(duration * fps)` frames.
-            height, width: output size in pixels (equal; a multiple of the VAE factor, 8 for SD).
-            fps: output frame rate.
-            num_frames_per_clip: frames per clip `f` (the paper: 12). The last clip is trimmed to the audio.
-            num_motion_frames: previous-clip frames `n` the temporal layers see (the paper: 4).
-            num_inference_steps: denoising steps per clip (the paper: DDIM 40).
-            guidance_scale: classifier-free guidance on the audio; <= 1 runs the conditional branch only.
-            speed: head rotation speed in rad/s, one float or one value per frame; None = no speed conditioning.
-            face_mask / face_box / face_index: skip or steer face detection (see `prepare_portrait`).
-            generator: makes the noise reproducible (bit-identical on CPU).
-            output_type: "np" -> `(f, H, W, 3)` float32 in [0, 1]; "pil"; "pt" -> `(f, 3, H, W)`; "latent" ->
-                `(1, 4, f, h, w)` (the last clip untrimmed).
-            watermark: embed the invisible provenance watermark in every frame (see `emo_pipeline.watermark`).
-            eta: DDIM eta (ignored by schedulers without it).
-            decode_chunk_size: frames the VAE decodes at once (memory vs speed).
-            audio_sample_rate: rate of an `audio` array (default 16 kHz); files carry their own.
-            max_audio_seconds: longer audio is refused (None: no limit).
-            callback_on_step_end: `fn(pipe, step, timestep, tensors) -> dict` after each denoising step, with the
-                tensors named in `callback_on_step_end_tensor_inputs` (default `["latents"]`); `pipe.clip_index`
-                tells the clip. Returned tensors replace the pipeline's.
+            return_dict: return an `EMOPipelineOutput` (True) or a plain tuple `(frames,)`.
         """
-        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
-        self.check_inputs(
-            height,
-            width,
-            fps,
-            num_frames_per_clip,
-            num_motion_frames,
-            num_inference_steps,
-            guidance_scale,
-            output_type,
-            decode_chunk_size,
-            tensor_inputs,
-        )
-        samples = load_audio(audio, SAMPLE_RATE, max_duration=max_audio_seconds, src_sample_rate=audio_sample_rate)
-        num_frames = num_video_frames(len(samples), SAMPLE_RATE, fps)
-        portrait = prepare_portrait(image, size=height, face_index=face_index, face_box=face_box, face_mask=face_mask)
-        self.last_plan = plan = _Plan(
-            portrait=portrait,
-            audio=samples,
-            num_frames=num_frames,
-            num_clips=math.ceil(num_frames / num_frames_per_clip),
-            speed=self._speed_per_frame(speed, num_frames),
-        )
-        return self._generate(
-            plan,
-            fps=fps,
-            f=num_frames_per_clip,
-            n=num_motion_frames,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            generator=generator,
-            output_type=output_type,
-            watermark=watermark,
-            eta=eta,
-            decode_chunk_size=decode_chunk_size,
-            callback_on_step_end=callback_on_step_end,
-            tensor_inputs=tensor_inputs,
-        )
-
-    @torch.no_grad()
-    def _generate(self, plan: _Plan, *, fps, f, n, num_inference_steps, guidance_scale, generator, output_type,
-                  watermark, eta, decode_chunk_size, callback_on_step_end, tensor_inputs):  # fmt: skip
-        """The clip loop of `iter_clips` (arguments already checked; `f`, `n`: clip and motion-frame lengths)."""
-        device = self._execution_device
-        dtype = self.unet.dtype
-        do_guidance = guidance_scale > 1.0
-        latent_size = plan.portrait.image.size[0] // self.vae_scale_factor
-        self.reference_net_calls = 0
-
-        # Once per video: reference latents -> ReferenceNet; face mask; audio feature stream.
-        reference_latents = self.encode_image(plan.portrait.image, device, dtype)
-        reference = self._reference_features(reference_latents)
-        face_mask = torch.from_numpy(plan.portrait.mask)[None, None].to(device=device, dtype=dtype)
-        self.audio_encoder.eval()
-        audio_windows = _AudioWindows(
-            iter_audio_features(plan.audio, self.audio_encoder, self.feature_extractor, fps, plan.num_frames),
-            plan.num_frames,
-            self.audio_window,
-        )
-        motion_latents = torch.zeros(1, n, 4, latent_size, latent_size, device=device, dtype=dtype)
-        step_kwargs = self._scheduler_step_kwargs(generator, eta)
-
-        with self.progress_bar(total=plan.num_clips * num_inference_steps) as progress:
-            for clip_index in range(plan.num_clips):
-                self.clip_index = clip_index
-                start = clip_index * f
-                audio_features = audio_windows.window(start, start + f)[None].to(device=device, dtype=dtype)
-                conditioning = {
-                    "reference_features": ReferenceFeatures(
-                        spatial=reference.spatial,
-                        temporal=self._reference_features(motion_latents).temporal,  # once per clip
-                        _kv_cache=reference._kv_cache,  # reference K/V stay valid for the whole video
-                    ),
-                    "face_mask": face_mask,
-                }
-                if plan.speed is not None:
-                    clip_speed = plan.speed[np.minimum(np.arange(start, start + f), plan.num_frames - 1)]
-                    conditioning["speed"] = torch.from_numpy(clip_speed)[None].to(device=device, dtype=dtype)
-                if do_guidance:  # one backbone call: [no audio, audio]; the rest is shared and tiled
-                    audio_features = torch.cat([torch.zeros_like(audio_features), audio_features])
-
-                self.scheduler.set_timesteps(num_inference_steps, device=device)
-                latents = randn_tensor((1, 4, f, latent_size, latent_size), generator, device, dtype)
-                latents = latents * self.scheduler.init_noise_sigma
-                for step, timestep in enumerate(self.scheduler.timesteps):
-                    model_input = torch.cat([latents] * 2) if do_guidance else latents
-                    model_input = self.scheduler.scale_model_input(model_input, timestep)
-                    noise = self.unet(model_input, timestep, audio_features, **conditioning, return_dict=False)[0]
-                    if do_guidance:
-                        unconditional, conditional = noise.chunk(2)
-                        noise = unconditional + guidance_scale * (conditional - unconditional)
-                    latents = self.scheduler.step(noise, timestep, latents, **step_kwargs, return_dict=False)[0]
-                    if callback_on_step_end is not None:
-                        local = {"latents": latents, "motion_latents": motion_latents}
-                        returned = callback_on_step_end(self, step, timestep, {k: local[k] for k in tensor_inputs})
-                        latents = returned.pop("latents", latents)
-                        motion_latents = returned.pop("motion_latents", motion_latents)
-                    progress.update()
-
-                if n:  # the next clip's motion frames: this clip's last n latents, no VAE round trip
-                    motion_latents = latents[:, :, f - n :].permute(0, 2, 1, 3, 4)
-                keep = min(f, plan.num_frames - start)
-                yield self._postprocess(latents, keep, output_type, watermark, decode_chunk_size)
-
-    def _postprocess(self, latents, keep, output_type, watermark, decode_chunk_size):
-        if output_type == "latent":
-            return latents
-        frames = self.decode_latents(latents, decode_chunk_size)[:keep]  # (keep, 3, H, W) in [0, 1]
-        if watermark:
-            from emo_pipeline.watermark import embed_watermark
-
-            pixels = (frames.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
-            frames = torch.from_numpy(embed_watermark(pixels)).permute(0, 3, 1, 2).float() / 255
-        if output_type == "pt":
-            return frames
-        array = frames.permute(0, 2, 3, 1).cpu().numpy().astype(np.float32)
-        if output_type == "pil":
-            return [PIL.Image.fromarray((frame * 255).round().astype(np.uint8)) for frame in array]
-        return array
-
-    def __call__(self, image: Any, audio: Any, *, return_dict: bool = True, **kwargs) -> EMOPipelineOutput | tuple:
-        """Generate the whole video in memory. Same arguments as `iter_clips` (use that, or `write_video`, to stream
-        long audio with flat memory). Returns `EMOPipelineOutput`, or `(frames,)` with `return_dict=False`."""
-        output_type = kwargs.get("output_type", "np")
-        clips = list(self.iter_clips(image, audio, **kwargs))
-        if output_type == "pil":
+        clips = list(self._start(image, audio, settings))
+        if settings.output_type == "pil":
             frames = [frame for clip in clips for frame in clip]
-        elif output_type == "latent":
+        elif settings.output_type == "latent":
             frames = torch.cat(clips, dim=2)
-        elif output_type == "pt":
+        elif settings.output_type == "pt":
             frames = torch.cat(clips)
         else:
             frames = np.concatenate(clips)
@@ -547,26 +567,47 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             frames=frames,
             audio=plan.audio,
             sample_rate=SAMPLE_RATE,
-            fps=float(kwargs.get("fps", 25)),
+            fps=float(settings.fps),
             face_mask=plan.portrait.mask,
         )
 
-    def write_video(self, output_path: str | os.PathLike, image: Any, audio: Any, crf: int = 18, **kwargs) -> Path:
-        """Generate and stream the video into an mp4 (H.264 + AAC, the audio muxed), clip by clip.
+    @_takes_generation_settings
+    def iter_clips(
+        self, image: Any, audio: Any, *, settings: GenerationSettings
+    ) -> Iterator[np.ndarray | list[PIL.Image.Image] | torch.Tensor]:
+        """Generate the video clip by clip: an iterator over each clip's frames, yielded as soon as decoded.
+
+        Inputs are loaded and checked when this is called (bad input raises `EMOInputError` here, not at the first
+        `next`); generation runs as the iterator is consumed. `self.last_plan` holds the loaded audio, the prepared
+        portrait and the frame count. Each clip has `num_frames_per_clip` frames (the last one trimmed to the audio)
+        in the form `output_type` says.
+
+        Args:
+        """
+        return self._start(image, audio, settings)
+
+    @_takes_generation_settings
+    def write_video(
+        self, output_path: str | os.PathLike, image: Any, audio: Any, *, crf: int = 18, settings: GenerationSettings
+    ) -> Path:
+        """Generate and stream the video into an mp4 (H.264 + AAC, the audio muxed), clip by clip; returns its path.
 
         Memory stays flat in the audio length. The file appears at `output_path` only once complete; an error or
-        Ctrl-C leaves nothing there. The mp4 carries a tag saying it is AI-generated. Arguments as `iter_clips`.
+        Ctrl-C leaves nothing there. The mp4 carries a tag saying it is AI-generated.
+
+        Args:
+            output_path: the mp4 to write (its folder must exist).
+            crf: x264 constant rate factor (0 lossless .. 51; 18 is visually transparent).
         """
         from emo_pipeline.media import VideoWriter
         from emo_pipeline.watermark import AI_GENERATED_METADATA
 
-        if kwargs.get("output_type", "np") not in ("np", "pt", "pil"):
+        if settings.output_type not in ("np", "pt", "pil"):
             raise EMOInputError("write_video needs decoded frames: output_type must be 'np', 'pt' or 'pil'")
-        clips = self.iter_clips(image, audio, **kwargs)
-        fps = kwargs.get("fps", 25)
+        clips = self._start(image, audio, settings)
         with VideoWriter(
             output_path,
-            fps=fps,
+            fps=settings.fps,
             audio=self.last_plan.audio,
             sample_rate=SAMPLE_RATE,
             crf=crf,
@@ -575,7 +616,145 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             for clip in clips:
                 if isinstance(clip, list):
                     clip = np.stack([np.asarray(frame) for frame in clip])
-                elif torch.is_tensor(clip):
-                    clip = clip.permute(0, 2, 3, 1).numpy()
+                elif torch.is_tensor(clip):  # "pt" frames are on the VAE's device, maybe an accelerator
+                    clip = clip.permute(0, 2, 3, 1).cpu().numpy()
                 writer.write(clip)
         return Path(output_path)
+
+    def _start(self, image: Any, audio: Any, settings: GenerationSettings) -> Iterator:
+        """Check the settings, load the inputs, plan the clips (`self.last_plan`) and return the clip loop."""
+        callback = settings.callback_on_step_end
+        if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+            settings.callback_on_step_end_tensor_inputs = callback.tensor_inputs  # as diffusers' pipelines do
+        self.check_inputs(
+            settings.height,
+            settings.width,
+            settings.fps,
+            settings.num_frames_per_clip,
+            settings.num_motion_frames,
+            settings.num_inference_steps,
+            settings.guidance_scale,
+            settings.output_type,
+            settings.decode_chunk_size,
+            settings.callback_on_step_end_tensor_inputs,
+            callback,
+        )
+        samples = load_audio(
+            audio, SAMPLE_RATE, max_duration=settings.max_audio_seconds, src_sample_rate=settings.audio_sample_rate
+        )
+        num_frames = num_video_frames(len(samples), SAMPLE_RATE, settings.fps)
+        portrait = prepare_portrait(
+            image,
+            size=settings.height,
+            face_index=settings.face_index,
+            face_box=settings.face_box,
+            face_mask=settings.face_mask,
+        )
+        self.last_plan = plan = _Plan(
+            portrait=portrait,
+            audio=samples,
+            num_frames=num_frames,
+            num_clips=math.ceil(num_frames / settings.num_frames_per_clip),
+            speed=self._speed_per_frame(settings.speed, num_frames),
+        )
+        return self._generate(plan, settings)
+
+    @torch.no_grad()
+    def _generate(self, plan: _Plan, settings: GenerationSettings) -> Iterator:
+        """The clip loop of `iter_clips` (settings already checked)."""
+        device = self._execution_device
+        dtype = self.unet.dtype
+        f, n = settings.num_frames_per_clip, settings.num_motion_frames  # clip and motion-frame lengths
+        callback, tensor_inputs = settings.callback_on_step_end, list(settings.callback_on_step_end_tensor_inputs)
+        latent_size = plan.portrait.image.size[0] // self.vae_scale_factor
+        self._interrupt = False
+        self._guidance_scale = settings.guidance_scale
+
+        # Once per video: reference latents -> ReferenceNet; face mask; audio feature stream.
+        reference_latents = self.encode_image(plan.portrait.image, device, dtype)
+        reference = self.reference_net(reference_latents)
+        face_mask = torch.from_numpy(plan.portrait.mask)[None, None].to(device=device, dtype=dtype)
+        self.audio_encoder.eval()
+        audio_windows = _AudioWindows(
+            iter_audio_features(plan.audio, self.audio_encoder, self.feature_extractor, settings.fps, plan.num_frames),
+            plan.num_frames,
+            self.audio_window,
+        )
+        motion_latents = torch.zeros(1, n, 4, latent_size, latent_size, device=device, dtype=dtype)
+        step_kwargs = self._scheduler_step_kwargs(settings.generator, settings.eta)
+
+        def clip_reference(motion_latents: torch.Tensor) -> ReferenceFeatures:
+            return ReferenceFeatures(
+                spatial=reference.spatial,
+                temporal=self.reference_net(motion_latents).temporal,  # once per clip
+                _kv_cache=reference._kv_cache,  # reference K/V stay valid for the whole video
+            )
+
+        with self.progress_bar(total=plan.num_clips * settings.num_inference_steps) as progress:
+            for clip_index in range(plan.num_clips):
+                self.clip_index = clip_index
+                self._guidance_scale = settings.guidance_scale  # a callback's change lasts for its clip only
+                start = clip_index * f
+                clip_audio = audio_windows.window(start, start + f)[None].to(device=device, dtype=dtype)
+                guided_audio = torch.cat([torch.zeros_like(clip_audio), clip_audio])  # [no audio, audio]
+                conditioning = {"reference_features": clip_reference(motion_latents), "face_mask": face_mask}
+                if plan.speed is not None:
+                    clip_speed = plan.speed[np.minimum(np.arange(start, start + f), plan.num_frames - 1)]
+                    conditioning["speed"] = torch.from_numpy(clip_speed)[None].to(device=device, dtype=dtype)
+
+                self.scheduler.set_timesteps(settings.num_inference_steps, device=device)
+                self._num_timesteps = len(self.scheduler.timesteps)
+                latents = randn_tensor((1, 4, f, latent_size, latent_size), settings.generator, device, dtype)
+                latents = latents * self.scheduler.init_noise_sigma
+                for step, timestep in enumerate(self.scheduler.timesteps):
+                    if self.interrupt:
+                        break
+                    # Read every step: a callback may change the guidance. Guidance batches both branches into one
+                    # backbone call; the rest of the conditioning is shared and tiled.
+                    guided = self.do_classifier_free_guidance
+                    model_input = torch.cat([latents] * 2) if guided else latents
+                    model_input = self.scheduler.scale_model_input(model_input, timestep)
+                    audio_features = guided_audio if guided else clip_audio
+                    noise = self.unet(model_input, timestep, audio_features, **conditioning, return_dict=False)[0]
+                    if guided:
+                        unconditional, conditional = noise.chunk(2)
+                        noise = unconditional + self.guidance_scale * (conditional - unconditional)
+                    latents = self.scheduler.step(noise, timestep, latents, **step_kwargs, return_dict=False)[0]
+                    if callback is not None:
+                        local = {"latents": latents, "motion_latents": motion_latents}
+                        returned = callback(self, step, timestep, {k: local[k] for k in tensor_inputs})
+                        if not isinstance(returned, dict):
+                            raise TypeError(
+                                f"callback_on_step_end must return a dict of tensors, got {type(returned).__name__}"
+                            )
+                        latents = returned.pop("latents", latents)
+                        if returned.get("motion_latents", motion_latents) is not motion_latents:
+                            motion_latents = returned.pop("motion_latents")  # this clip's motion frames from now on
+                            conditioning["reference_features"] = clip_reference(motion_latents)
+                    progress.update()
+
+                if n:  # the next clip's motion frames: this clip's last n latents, no VAE round trip
+                    motion_latents = latents[:, :, f - n :].permute(0, 2, 1, 3, 4)
+                keep = min(f, plan.num_frames - start)
+                yield self._postprocess(
+                    latents, keep, settings.output_type, settings.watermark, settings.decode_chunk_size
+                )
+                if self.interrupt:  # as in diffusers: the interrupted clip is returned as it stands, then stop
+                    return
+
+    def _postprocess(self, latents, keep, output_type, watermark, decode_chunk_size):
+        if output_type == "latent":
+            return latents
+        frames = self.decode_latents(latents, decode_chunk_size)[:keep]  # (keep, 3, H, W) in [0, 1]
+        if watermark:
+            from emo_pipeline.watermark import embed_watermark
+
+            pixels = (frames.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
+            marked = torch.from_numpy(embed_watermark(pixels)).permute(0, 3, 1, 2).float() / 255
+            frames = marked.to(frames.device)  # "pt" frames stay on the VAE's device either way
+        if output_type == "pt":
+            return frames
+        array = frames.permute(0, 2, 3, 1).cpu().numpy().astype(np.float32)
+        if output_type == "pil":
+            return [PIL.Image.fromarray((frame * 255).round().astype(np.uint8)) for frame in array]
+        return array
