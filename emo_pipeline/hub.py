@@ -3,7 +3,7 @@
 The card carries Hub metadata (`library_name: diffusers`, pipeline tag, tags, base model, licence) and sections for
 the method (EMO, arXiv 2402.17485), usage, training data and stages (from the training metadata in
 `emo_metadata.json` when present), limitations, misuse and consent, and citation. Nothing here touches the network
-except `push_pipeline_to_hub` / `push_folder_to_hub`.
+except `push_pipeline_to_hub` / `push_folder_to_hub` and `read_metadata` given a Hub repo id.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 
 import huggingface_hub
 from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled, RemoteEntryNotFoundError
 
 __all__ = [
     "DEFAULT_LICENSE",
@@ -50,10 +51,53 @@ CITATION = """@article{tian2024emo,
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def read_metadata(folder: str | os.PathLike) -> dict:
-    """The `emo_metadata.json` of a saved pipeline folder, or `{}` when it has none."""
-    path = Path(folder) / EMO_METADATA_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+def read_metadata(
+    folder_or_repo_id: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+) -> dict:
+    """The `emo_metadata.json` of a saved pipeline (a local folder, else a Hub repo id), or `{}` when it has none.
+
+    "Has none" means only: the folder or the repo lacks the file, or the Hub may not be asked (`HF_HUB_OFFLINE=1` or
+    `local_files_only=True`) and the cache holds no copy. Any other failure (authentication, a gated or missing
+    repo, a missing revision, the network) propagates with a note naming the file and the repo: provenance is not
+    silently dropped because a request failed.
+    """
+    folder = Path(folder_or_repo_id)
+    if folder.is_dir():
+        path = folder / EMO_METADATA_FILE
+        return json.loads(path.read_text()) if path.is_file() else {}
+    repo_id = str(folder_or_repo_id)
+    try:
+        file = huggingface_hub.hf_hub_download(
+            repo_id,
+            EMO_METADATA_FILE,
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            local_files_only=local_files_only,
+        )
+    except RemoteEntryNotFoundError:  # the repo has no metadata file
+        return {}
+    except LocalEntryNotFoundError as error:
+        # Also raised when a request failed for lack of a network (cause: a connection error): not "no file".
+        if local_files_only or isinstance(error.__cause__, OfflineModeIsEnabled):
+            return {}
+        _note_metadata_error(error, repo_id)
+        raise
+    except Exception as error:
+        _note_metadata_error(error, repo_id)
+        raise
+    return json.loads(Path(file).read_text())
+
+
+def _note_metadata_error(error: Exception, repo_id: str) -> None:
+    """Say which file of which repo failed, keeping the Hub's error type (callers may catch `HfHubHTTPError`)."""
+    if hasattr(error, "add_note"):  # Python >= 3.11; on 3.10 the error propagates as it is
+        error.add_note(f"emo-pipeline: could not read {EMO_METADATA_FILE} of {repo_id!r} from the Hub")
 
 
 def _hub_id(value: Any) -> str | None:

@@ -6,6 +6,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import json
 import re
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,6 +22,7 @@ from emo_pipeline.hub import (
     TAGS,
     build_model_card,
     push_pipeline_to_hub,
+    read_metadata,
     write_model_card,
 )
 from emo_pipeline.testing import tiny_emo_pipeline
@@ -158,3 +160,101 @@ def test_push_pipeline_to_hub_without_network(saved_pipeline, monkeypatch):
     assert upload["metadata"]["base_model"] == HUB_METADATA["base_model"]
     assert 'EMOPipeline.from_pretrained("someone/emo-tiny")' in upload["readme"]
     assert "library_name: diffusers" in upload["readme"]
+
+
+# --- reading emo_metadata.json: only a missing file means "no metadata" ----------------------------------------
+
+
+def hub_response(status: int):
+    import httpx2  # huggingface_hub's HTTP client
+
+    url = f"https://huggingface.co/someone/emo/resolve/main/{EMO_METADATA_FILE}"
+    return httpx2.Response(status, request=httpx2.Request("HEAD", url))
+
+
+def raising(error: Exception):
+    def hf_hub_download(*args, **kwargs):
+        raise error
+
+    return hf_hub_download
+
+
+def connection_lost() -> Exception:
+    """What hf_hub_download raises when the Hub cannot be reached and the cache has no copy."""
+    import httpx2
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        try:
+            raise httpx2.ConnectError("[Errno -2] Name or service not known")
+        except httpx2.ConnectError as cause:
+            raise LocalEntryNotFoundError("An error happened while trying to locate the file on the Hub") from cause
+    except LocalEntryNotFoundError as error:
+        return error
+
+
+def test_read_metadata_from_a_hub_repo_passes_the_loader_options(tmp_path, monkeypatch):
+    (tmp_path / EMO_METADATA_FILE).write_text(json.dumps(HUB_METADATA))
+    calls = []
+
+    def hf_hub_download(repo_id, filename, **kwargs):
+        calls.append((repo_id, filename, kwargs))
+        return str(tmp_path / EMO_METADATA_FILE)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    assert read_metadata("someone/emo", revision="v1", token="hf_x", cache_dir="/c") == HUB_METADATA
+    assert calls == [
+        (
+            "someone/emo",
+            EMO_METADATA_FILE,
+            {"revision": "v1", "cache_dir": "/c", "token": "hf_x", "local_files_only": False},
+        )
+    ]
+
+
+def test_read_metadata_missing_file_or_offline_without_cache_is_empty(tmp_path, monkeypatch):
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
+    assert read_metadata(tmp_path) == {}  # a folder without the file
+    # Offline (HF_HUB_OFFLINE=1 in these tests) with an empty cache: the real hf_hub_download, no network.
+    assert read_metadata("someone/emo", cache_dir=tmp_path / "cache") == {}
+    assert read_metadata("someone/emo", cache_dir=tmp_path / "cache", local_files_only=True) == {}
+    # Online, the repo exists but has no such file.
+    missing = RemoteEntryNotFoundError("404 Client Error: Entry Not Found", response=hub_response(404))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", raising(missing))
+    assert read_metadata("someone/emo") == {}
+
+
+@pytest.mark.parametrize("kind", ["unauthorized", "gated", "network", "disk"])
+def test_read_metadata_auth_and_network_errors_are_raised_with_the_file_named(monkeypatch, kind):
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
+
+    error = {
+        "unauthorized": HfHubHTTPError("401 Client Error: Unauthorized", response=hub_response(401)),
+        "gated": GatedRepoError("403 Client Error: access to someone/emo is restricted", response=hub_response(403)),
+        "network": connection_lost(),
+        "disk": OSError(28, "No space left on device"),
+    }[kind]
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", raising(error))
+    with pytest.raises(type(error)) as raised:
+        read_metadata("someone/emo")
+    assert raised.value is error
+    if sys.version_info >= (3, 11):  # exception notes
+        assert f"could not read {EMO_METADATA_FILE} of 'someone/emo'" in "\n".join(raised.value.__notes__)
+
+
+def test_from_pretrained_raises_a_metadata_auth_error_instead_of_dropping_provenance(saved_pipeline, monkeypatch):
+    from diffusers import DiffusionPipeline
+    from huggingface_hub.errors import HfHubHTTPError
+
+    pipe, _ = saved_pipeline
+    loaded = []
+    # The weights "load" (diffusers' loader is not what is tested here); then the metadata request is refused.
+    monkeypatch.setattr(
+        DiffusionPipeline, "from_pretrained", classmethod(lambda cls, *a, **k: loaded.append(k) or pipe)
+    )
+    denied = HfHubHTTPError("401 Client Error: Unauthorized", response=hub_response(401))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", raising(denied))
+    with pytest.raises(HfHubHTTPError, match="401"):
+        EMOPipeline.from_pretrained("someone/emo", token="hf_bad", revision="v1")
+    assert loaded == [{"token": "hf_bad", "revision": "v1"}]
