@@ -1,10 +1,16 @@
-"""EMOPipeline: frame counts, clip chaining, determinism, guidance batching, schedulers, save/load, mp4 output."""
+"""EMOPipeline: frame counts, clip chaining, determinism, guidance, schedulers, callbacks, signatures, LoRA, dtypes,
+save/load, mp4 output."""
 
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import dataclasses
+import functools
+import inspect
 import math
+import pydoc
+import re
 from fractions import Fraction
 
 import numpy as np
@@ -12,8 +18,10 @@ import pytest
 import torch
 
 from emo_pipeline import EMOInputError, EMOPipeline
-from emo_pipeline.audio import window_audio_features
-from emo_pipeline.pipeline_emo import SCHEDULERS, _AudioWindows
+from emo_pipeline.audio import iter_audio_features, num_video_frames, window_audio_features
+from emo_pipeline.face import prepare_portrait
+from emo_pipeline.models.attention import ReferenceFeatures
+from emo_pipeline.pipeline_emo import SCHEDULERS, GenerationSettings, _AudioWindows
 from emo_pipeline.testing import demo_assets, randomize_zero_initialized_layers, tiny_emo_pipeline
 
 FPS, F, N = 25, 4, 2
@@ -273,8 +281,339 @@ def test_interrupted_write_leaves_no_file(pipe, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_runs_in_bfloat16_after_to_dtype(pipe):
+def test_bfloat16_output_is_close_to_float32(pipe):
+    audio = speech(0.33)  # 3 clips: the error must not grow along the clip chain
+    latents32 = pipe(IMAGE, audio, **settings(output_type="latent")).frames
+    frames32 = pipe(IMAGE, audio, **settings()).frames
     pipe.to(torch.bfloat16)
     assert pipe.unet.dtype == torch.bfloat16 and pipe.reference_net.dtype == torch.bfloat16
-    frames = pipe(IMAGE, speech(0.2), **settings()).frames
-    assert frames.shape == (5, 64, 64, 3) and frames.dtype == np.float32 and np.isfinite(frames).all()
+    latents16 = pipe(IMAGE, audio, **settings(output_type="latent")).frames.float()
+    frames16 = pipe(IMAGE, audio, **settings()).frames
+    assert frames16.shape == (9, 64, 64, 3) and frames16.dtype == np.float32
+    # bfloat16 keeps 8 significant bits: each rounding is off by up to 2**-8 = 0.4%. Measured here: 1.0-1.3%
+    # relative (L2) error in every clip's latents and at most 0.03 (7/255) in the frames. The bounds leave ~2.5x
+    # margin; noise that depended on the dtype, a fp32/bf16 mix-up in the guidance or the clip chain, or a cast that
+    # loses the seed's noise would give errors of order 100%.
+    for clip in range(3):
+        a, b = latents32[:, :, clip * F : (clip + 1) * F], latents16[:, :, clip * F : (clip + 1) * F]
+        assert (b - a).norm() / a.norm() < 0.03, clip
+    assert np.abs(frames16 - frames32).max() < 0.07
+
+
+# --- guidance, schedulers and callbacks, checked against the pieces the pipeline is made of ---------------------
+
+
+def record_backbone(pipe) -> list[dict]:
+    """Each backbone call's audio features, output and conditioning, from a forward hook."""
+    calls = []
+
+    def hook(module, args, kwargs, output):
+        audio = args[2] if len(args) > 2 else kwargs["audio_features"]
+        calls.append({"audio": audio.clone(), "output": output[0].clone(), "kwargs": kwargs})
+
+    pipe.unet.register_forward_hook(hook, with_kwargs=True)
+    return calls
+
+
+def record_scheduler_steps(pipe) -> list[torch.Tensor]:
+    """The `model_output` each `scheduler.step` receives (the step itself runs unchanged)."""
+    outputs = []
+    step = pipe.scheduler.step
+
+    @functools.wraps(step)  # keeps the signature: the pipeline still sees which kwargs (eta, generator) it takes
+    def recording_step(model_output, *args, **kwargs):
+        outputs.append(model_output.clone())
+        return step(model_output, *args, **kwargs)
+
+    pipe.scheduler.step = recording_step
+    return outputs
+
+
+def test_guidance_is_u_plus_s_times_c_minus_u_with_u_the_zero_audio_branch(pipe):
+    calls, steps = record_backbone(pipe), record_scheduler_steps(pipe)
+    pipe(IMAGE, speech(0.2), **settings(guidance_scale=3.5, num_inference_steps=3))
+    assert len(calls) == len(steps) == 2 * 3  # 2 clips x 3 steps, one backbone call each
+    for call, model_output in zip(calls, steps):
+        assert call["output"].shape[0] == 2  # both branches in one batch
+        no_audio, audio = call["audio"]
+        assert not no_audio.any() and audio.abs().sum() > 0
+        u, c = call["output"].chunk(2)
+        torch.testing.assert_close(model_output, u + 3.5 * (c - u), rtol=1e-6, atol=1e-6)
+
+    calls.clear(), steps.clear()
+    pipe(IMAGE, speech(0.2), **settings(guidance_scale=1.0, num_inference_steps=3))
+    for call, model_output in zip(calls, steps):  # no guidance: the audio branch alone
+        assert call["output"].shape[0] == 1 and call["audio"].abs().sum() > 0
+        assert torch.equal(model_output, call["output"])
+
+
+def written_out_clip_loop(pipe, audio: np.ndarray, num_inference_steps: int, guidance_scale: float = 3.5):
+    """EMO's clip loop written out from the pipeline's public pieces (portrait preparation, `encode_image`,
+    `reference_net`, wav2vec2 features, `unet`), with a fresh scheduler for every clip. Returns `(1, 4, N, h, w)`."""
+    device, num_frames = torch.device("cpu"), num_video_frames(len(audio), 16000, FPS)
+    portrait = prepare_portrait(IMAGE, size=64, face_box=FACE_BOX)
+    pipe.audio_encoder.eval()
+    features = torch.cat(list(iter_audio_features(audio, pipe.audio_encoder, pipe.feature_extractor, FPS, num_frames)))
+    windows = window_audio_features(features, pipe.audio_window)  # (num_frames, 2m+1, L, D)
+    reference = pipe.reference_net(pipe.encode_image(portrait.image, device, torch.float32))
+    face_mask = torch.from_numpy(portrait.mask)[None, None]
+    generator = torch.Generator().manual_seed(0)
+    motion_latents = torch.zeros(1, N, 4, 8, 8)  # the first clip's motion frames: zero maps
+    clips = []
+    for start in range(0, num_frames, F):
+        scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        scheduler.set_timesteps(num_inference_steps)
+        step_kwargs = {"eta": 0.0} if "eta" in inspect.signature(scheduler.step).parameters else {}
+        motion = pipe.reference_net(motion_latents).temporal
+        conditioning = {"reference_features": ReferenceFeatures(reference.spatial, motion), "face_mask": face_mask}
+        clip_audio = windows[torch.arange(start, start + F).clamp(max=num_frames - 1)][None]  # past the end: last
+        both_branches = torch.cat([torch.zeros_like(clip_audio), clip_audio])
+        latents = torch.randn((1, 4, F, 8, 8), generator=generator) * scheduler.init_noise_sigma
+        for timestep in scheduler.timesteps:
+            model_input = scheduler.scale_model_input(torch.cat([latents] * 2), timestep)
+            output = pipe.unet(model_input, timestep, both_branches, **conditioning, return_dict=False)[0]
+            u, c = output.chunk(2)
+            noise = u + guidance_scale * (c - u)
+            latents = scheduler.step(noise, timestep, latents, generator=generator, **step_kwargs).prev_sample
+        clips.append(latents)
+        motion_latents = latents[:, :, F - N :].permute(0, 2, 1, 3, 4)
+    return torch.cat(clips, dim=2)
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpm++"])
+@torch.no_grad()
+def test_pipeline_equals_the_clip_loop_written_out_with_a_fresh_scheduler_per_clip(pipe, name):
+    pipe.set_scheduler(name)  # DPM-Solver++ keeps a history of model outputs: it must restart with every clip
+    audio = speech(0.33)
+    latents = pipe(IMAGE, audio, **settings(output_type="latent", num_inference_steps=3)).frames
+    assert latents.shape == (1, 4, 3 * F, 8, 8)
+    assert torch.equal(latents, written_out_clip_loop(pipe, audio, num_inference_steps=3))
+
+
+def test_callbacks_see_diffusers_call_properties_and_can_change_guidance(pipe):
+    calls, steps, seen = record_backbone(pipe), record_scheduler_steps(pipe), []
+
+    def callback(p, step, timestep, tensors):
+        seen.append((p.clip_index, step, p.num_timesteps, p.guidance_scale, p.do_classifier_free_guidance))
+        if step == 0:  # clip 0: stronger guidance for its other steps; clip 1: none
+            p._guidance_scale = 7.0 if p.clip_index == 0 else 1.0
+        return {}
+
+    pipe(IMAGE, speech(0.2), **settings(guidance_scale=3.5, num_inference_steps=3, callback_on_step_end=callback))
+    assert seen == [
+        (0, 0, 3, 3.5, True), (0, 1, 3, 7.0, True), (0, 2, 3, 7.0, True),
+        (1, 0, 3, 3.5, True), (1, 1, 3, 1.0, False), (1, 2, 3, 1.0, False),
+    ]  # fmt: skip
+    scales = [3.5, 7.0, 7.0, 3.5, None, None]  # every clip starts with the caller's guidance_scale
+    for call, model_output, scale in zip(calls, steps, scales, strict=True):
+        if scale is None:
+            assert call["output"].shape[0] == 1 and torch.equal(model_output, call["output"])
+        else:
+            u, c = call["output"].chunk(2)
+            torch.testing.assert_close(model_output, u + scale * (c - u), rtol=1e-6, atol=1e-6)
+    assert pipe.guidance_scale == 1.0 and pipe.num_timesteps == 3 and not pipe.interrupt
+
+
+def test_a_diffusers_pipeline_callback_cuts_guidance_off_by_num_timesteps(pipe):
+    from diffusers.callbacks import PipelineCallback
+
+    class AudioGuidanceCutoff(PipelineCallback):  # as diffusers' SDCFGCutoffCallback, for EMO's audio guidance
+        tensor_inputs = ["latents"]
+
+        def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+            if step_index == int(pipeline.num_timesteps * self.config.cutoff_step_ratio):
+                pipeline._guidance_scale = 0.0
+            return callback_kwargs
+
+    calls = record_backbone(pipe)
+    cutoff = AudioGuidanceCutoff(cutoff_step_ratio=0.5)
+    pipe(IMAGE, speech(0.2), **settings(num_inference_steps=4, callback_on_step_end=cutoff))
+    assert [call["output"].shape[0] for call in calls] == [2, 2, 2, 1] * 2  # set after step 2, in every clip
+
+
+def test_callback_motion_latents_become_the_clips_motion_frames(pipe):
+    audio = speech(0.33)
+    baseline = pipe(IMAGE, audio, **settings(num_inference_steps=3))
+    calls, reference_net_calls = record_backbone(pipe), count_calls(pipe.reference_net)
+
+    def restart_motion(p, step, timestep, tensors):
+        assert tensors["motion_latents"].shape == (1, N, 4, 8, 8) and tensors["latents"].shape == (1, 4, F, 8, 8)
+        if p.clip_index == 1 and step == 0:
+            return {"motion_latents": torch.zeros_like(tensors["motion_latents"])}
+        return tensors  # unchanged tensors: nothing to redo
+
+    frames = pipe(
+        IMAGE,
+        audio,
+        **settings(
+            num_inference_steps=3,
+            callback_on_step_end=restart_motion,
+            callback_on_step_end_tensor_inputs=["latents", "motion_latents"],
+        ),
+    ).frames
+    assert len(reference_net_calls) == 1 + 3 + 1  # the replaced motion frames went through the ReferenceNet
+    zero_motion = pipe.reference_net(torch.zeros(1, N, 4, 8, 8)).temporal
+
+    def saw_zero_motion(call: dict) -> bool:
+        temporal = call["kwargs"]["reference_features"].temporal
+        return all(torch.equal(temporal[name], zero_motion[name]) for name in zero_motion)
+
+    # 3 clips x 3 steps: clip 1's step 0 ran with clip 0's last latents, its steps 1 and 2 with the new zero maps.
+    assert [saw_zero_motion(call) for call in calls] == [True] * 3 + [False, True, True] + [False] * 3
+    assert np.array_equal(frames[:F], baseline.frames[:F])
+    assert np.abs(frames[F : 2 * F] - baseline.frames[F : 2 * F]).max() > 1e-3
+
+
+def test_interrupt_stops_after_the_current_step_and_returns_the_clips_so_far(pipe):
+    audio = speech(0.5)  # 13 frames: 4 clips
+    full = pipe(IMAGE, audio, **settings(num_inference_steps=3)).frames
+    calls = record_backbone(pipe)
+
+    def stop(p, step, timestep, tensors):
+        if p.clip_index == 1 and step == 0:
+            p._interrupt = True
+        return {}
+
+    frames = pipe(IMAGE, audio, **settings(num_inference_steps=3, callback_on_step_end=stop)).frames
+    assert len(calls) == 3 + 1  # clip 0 in full, one step of clip 1, nothing after
+    assert frames.shape == (2 * F, 64, 64, 3)  # clip 1 as it stood (partly denoised, as in diffusers)
+    assert np.array_equal(frames[:F], full[:F]) and pipe.interrupt
+    assert np.array_equal(pipe(IMAGE, audio, **settings(num_inference_steps=3)).frames, full)  # reset per call
+
+
+def test_callback_must_return_a_dict(pipe):
+    with pytest.raises(TypeError, match="callback_on_step_end must return a dict"):
+        pipe(IMAGE, speech(0.1), **settings(callback_on_step_end=lambda *args: None))
+    with pytest.raises(EMOInputError, match="callback_on_step_end must be callable"):
+        pipe(IMAGE, speech(0.1), **settings(callback_on_step_end="latents"))
+
+
+# --- signatures and documentation --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "own"),
+    [
+        ("__call__", ["image", "audio", "return_dict"]),
+        ("iter_clips", ["image", "audio"]),
+        ("write_video", ["output_path", "image", "audio", "crf"]),
+    ],
+)
+def test_signature_and_help_show_every_argument_with_its_default(pipe, method, own):
+    fields = dataclasses.fields(GenerationSettings)
+    signature = inspect.signature(getattr(pipe, method))
+    assert list(signature.parameters) == own + [field.name for field in fields]
+    for field in fields:
+        parameter = signature.parameters[field.name]
+        assert parameter.kind is inspect.Parameter.KEYWORD_ONLY and parameter.default == field.default
+    assert signature.parameters["height"].default == 512 and signature.parameters["guidance_scale"].default == 3.5
+    text = pydoc.render_doc(getattr(pipe, method), renderer=pydoc.plaintext)
+    assert "guidance_scale: float = 3.5" in text and "num_inference_steps: int = 40" in text  # the signature line
+    documented = re.findall(r"^ {8}(\w+): \S", text.split("Args:", 1)[1], re.M)
+    assert documented == own + [field.name for field in fields]  # one entry per argument, in signature order
+
+
+def test_unknown_or_positional_settings_are_type_errors_naming_them(pipe):
+    with pytest.raises(TypeError, match=r"__call__\(\): got an unexpected keyword argument 'num_inference_step'"):
+        pipe(IMAGE, speech(0.1), num_inference_step=2)
+    with pytest.raises(TypeError, match="iter_clips"):
+        pipe.iter_clips(IMAGE, speech(0.1), 64, 64)  # settings are keyword-only
+
+
+# --- write_video with "pt" frames on an accelerator ------------------------------------------------------------
+
+
+class AcceleratorTensor(torch.Tensor):
+    """A CPU tensor that acts like a CUDA one where it matters here: `.numpy()` raises CUDA's error until `.cpu()`
+    returns a plain tensor. Lets a CPU-only test catch a `.numpy()` without `.cpu()`."""
+
+    def numpy(self, *args, **kwargs):
+        raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() to copy the tensor first.")
+
+    def cpu(self, *args, **kwargs):
+        with torch._C.DisableTorchFunctionSubclass():
+            return torch.Tensor.cpu(self, *args, **kwargs).as_subclass(torch.Tensor)
+
+
+def test_write_video_moves_pt_frames_to_the_cpu(pipe, tmp_path, monkeypatch):
+    from emo_pipeline.media import read_video_frames
+
+    decode = pipe.decode_latents
+    monkeypatch.setattr(pipe, "decode_latents", lambda *a, **k: decode(*a, **k).as_subclass(AcceleratorTensor))
+    audio = speech(0.2)
+    clips = list(pipe.iter_clips(IMAGE, audio, **settings(output_type="pt")))
+    assert all(isinstance(clip, AcceleratorTensor) for clip in clips)  # "pt" frames stay where the VAE put them
+    with pytest.raises(TypeError, match="cuda"):
+        clips[0].numpy()
+    written = read_video_frames(pipe.write_video(tmp_path / "pt.mp4", IMAGE, audio, **settings(output_type="pt")))
+    assert written.shape == (5, 64, 64, 3)
+    from_np = read_video_frames(pipe.write_video(tmp_path / "np.mp4", IMAGE, audio, **settings(output_type="np")))
+    # The same frames reached the encoder. (Two encodes of the same frames can differ by ~0.3 levels on average:
+    # x264's threads are not bit-reproducible here, so equal files are not asked for.)
+    assert np.abs(written.astype(np.float32) - from_np).mean() < 1.5
+
+
+# --- LoRA on the backbone (peft) ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora_state_dict() -> dict[str, torch.Tensor]:
+    """A random LoRA for the tiny backbone in diffusers' format, as `save_lora_weights` writes it."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from emo_pipeline.testing import tiny_emo_models
+
+    _, donor = tiny_emo_models()
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    donor.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights="gaussian"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in donor.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero (no effect); a trained LoRA has not
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(donor))
+    return {f"unet.{key}": value for key, value in layers.items()}
+
+
+def test_lora_fuse_unfuse_set_adapters_and_delete_act_on_the_backbone(pipe, lora_state_dict):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    generator = torch.Generator().manual_seed(0)
+    sample, audio = torch.randn(1, 4, F, 8, 8, generator=generator), torch.randn(1, F, 5, 2, 32, generator=generator)
+
+    @torch.no_grad()
+    def backbone() -> torch.Tensor:
+        return pipe.unet(sample, 500, audio, return_dict=False)[0]
+
+    def close(a, b):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+    base = backbone()
+    weight = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight.clone()
+    pipe.load_lora_weights(dict(lora_state_dict), adapter_name="style")
+    adapted = backbone()
+    assert (adapted - base).abs().max() > 1e-2
+    lora_layers = [module for module in pipe.unet.modules() if isinstance(module, BaseTunerLayer)]
+
+    pipe.fuse_lora()  # diffusers' default also names a text encoder; EMO's is the backbone alone
+    assert all(layer.merged for layer in lora_layers)
+    close(backbone(), adapted)  # the update is in the weights now: same output
+    pipe.unfuse_lora()
+    assert not any(layer.merged for layer in lora_layers)
+    close(backbone(), adapted)
+    layer = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    close(layer.base_layer.weight, weight)  # unfusing restored the original weight
+
+    pipe.set_adapters("style", 0.0)
+    close(backbone(), base)
+    pipe.set_adapters("style", 0.5)
+    half = backbone()
+    assert (half - base).abs().max() > 1e-3 and (half - adapted).abs().max() > 1e-3
+    pipe.set_adapters("style", 1.0)
+    close(backbone(), adapted)
+
+    pipe.delete_adapters("style")
+    assert pipe.get_list_adapters() in ({}, {"unet": []})
+    close(backbone(), base)
