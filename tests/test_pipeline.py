@@ -12,6 +12,7 @@ import math
 import pydoc
 import re
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -511,6 +512,16 @@ def test_signature_and_help_show_every_argument_with_its_default(pipe, method, o
     assert "guidance_scale: float = 3.5" in text and "num_inference_steps: int = 40" in text  # the signature line
     documented = re.findall(r"^ {8}(\w+): \S", text.split("Args:", 1)[1], re.M)
     assert documented == own + [field.name for field in fields]  # one entry per argument, in signature order
+
+
+def test_readme_argument_table_names_every_argument():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = re.search(r"\| argument \| default \| meaning \|\n(.*?)\n\n", readme, re.S).group(1)
+    named = set(re.findall(r"`(\w+)`", "\n".join(row.split(" | ")[0] for row in table.splitlines())))
+    arguments = {"image", "audio", "return_dict", "crf"} | {
+        field.name for field in dataclasses.fields(GenerationSettings)
+    }
+    assert named == arguments
 
 
 def test_unknown_or_positional_settings_are_type_errors_naming_them(pipe):
