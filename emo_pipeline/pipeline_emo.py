@@ -72,7 +72,7 @@ class EMOPipelineOutput(BaseOutput):
     """Output of `EMOPipeline.__call__`.
 
     frames: `(N, H, W, 3)` float32 in [0, 1] (`output_type="np"`), a list of N PIL images ("pil"), a
-        `(N, 3, H, W)` tensor ("pt"), or `(1, 4, N, h, w)` latents ("latent").
+        `(N, 3, H, W)` tensor on the VAE's device ("pt"), or `(1, 4, N, h, w)` latents ("latent").
     audio: `(num_samples,)` float32 mono at `sample_rate`, the track the video follows.
     fps: frames per second of `frames`.
     face_mask: `(H, W)` float32 face-region mask used for the face locator.
