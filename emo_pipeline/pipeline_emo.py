@@ -593,7 +593,9 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         """Generate and stream the video into an mp4 (H.264 + AAC, the audio muxed), clip by clip; returns its path.
 
         Memory stays flat in the audio length. The file appears at `output_path` only once complete; an error or
-        Ctrl-C leaves nothing there. The mp4 carries a tag saying it is AI-generated.
+        Ctrl-C leaves nothing there. A deliberate stop (a callback setting `pipe._interrupt = True`) ends the video
+        early: the file holds the clips generated until then, the audio cut to their length. The mp4 carries a tag
+        saying it is AI-generated.
 
         Args:
             output_path: the mp4 to write (its folder must exist).

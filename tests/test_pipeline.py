@@ -482,6 +482,20 @@ def test_interrupt_stops_after_the_current_step_and_returns_the_clips_so_far(pip
     assert np.array_equal(pipe(IMAGE, audio, **settings(num_inference_steps=3)).frames, full)  # reset per call
 
 
+def test_interrupted_write_video_holds_the_clips_so_far_with_audio_to_match(pipe, tmp_path):
+    import av
+
+    def stop(p, step, timestep, tensors):
+        p._interrupt = p.clip_index == 1
+        return {}
+
+    path = pipe.write_video(tmp_path / "out.mp4", IMAGE, speech(0.5), **settings(callback_on_step_end=stop))
+    with av.open(str(path)) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 2 * F
+        audio = container.streams.audio[0]
+        assert abs(float(audio.duration * audio.time_base) - 2 * F / FPS) < 0.05
+
+
 def test_callback_must_return_a_dict(pipe):
     with pytest.raises(TypeError, match="callback_on_step_end must return a dict"):
         pipe(IMAGE, speech(0.1), **settings(callback_on_step_end=lambda *args: None))
