@@ -94,10 +94,9 @@ def main() -> None:
 
     import transformers
     from einops import rearrange
+    from hallo.models.wav2vec import Wav2VecModel
     from safetensors.torch import save_file
     from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
-
-    from hallo.models.wav2vec import Wav2VecModel
 
     model_dir = args.output / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
