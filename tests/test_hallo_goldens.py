@@ -18,18 +18,25 @@ from safetensors.torch import load_file
 GOLDENS = Path(__file__).parent / "goldens" / "hallo"
 
 
-@pytest.fixture(scope="module")
-def golden() -> dict:
-    """Metadata, inputs and outputs of the Hallo golden run."""
-    metadata = json.loads((GOLDENS / "metadata.json").read_text())
+def load_golden(name: str) -> dict:
+    """Metadata, inputs and outputs of one golden run (tests/goldens/hallo or tests/goldens/hallo2)."""
+    folder = GOLDENS.parent / name
     return {
-        "meta": metadata,
-        "inputs": load_file(GOLDENS / "inputs.safetensors"),
-        "outputs": load_file(GOLDENS / "outputs.safetensors"),
+        "meta": json.loads((folder / "metadata.json").read_text()),
+        "inputs": load_file(folder / "inputs.safetensors"),
+        "outputs": load_file(folder / "outputs.safetensors"),
     }
 
 
-def test_hallo_guidance_and_ddim_step_reproduce_the_golden_latents(golden: dict) -> None:
+@pytest.fixture(scope="module")
+def golden() -> dict:
+    """The Hallo golden run."""
+    return load_golden("hallo")
+
+
+@pytest.mark.parametrize("variant", ["hallo", "hallo2"])
+def test_hallo_guidance_and_ddim_step_reproduce_the_golden_latents(variant: str) -> None:
+    golden = load_golden(variant)
     from diffusers import DDIMScheduler
 
     meta, inputs, outputs = golden["meta"], golden["inputs"], golden["outputs"]
@@ -81,3 +88,21 @@ def test_hallo_net_pth_has_the_released_layout() -> None:
     # the motion modules that the released inference never runs are still in the file (strict load)
     assert any(key.startswith("denoising_unet.down_blocks.3.motion_modules.") for key in state)
     assert any(key.startswith("denoising_unet.up_blocks.0.motion_modules.") for key in state)
+
+
+def test_hallo2_masks_motion_frame_pixels_with_the_shared_generator() -> None:
+    """Hallo2: motion pixels * (rand(H, W) > 0.25 | face region), the mask drawn just before each clip's noise."""
+    golden = load_golden("hallo2")
+    meta, inputs, outputs = golden["meta"], golden["inputs"], golden["outputs"]
+    generator = torch.Generator().manual_seed(meta["seed"])  # the sequence of torch.manual_seed(42)'s generator
+    face = inputs["face_region"][0] > 0
+    n, size = meta["num_motion_frames"], meta["size"]
+    motion = {0: inputs["source_image"].repeat(n, 1, 1, 1)}
+    motion[1] = outputs["frames_clip0"][0].permute(1, 0, 2, 3)[-n:] * 2.0 - 1.0
+    for clip in range(meta["num_clips"]):
+        mask = (torch.rand(size, size, generator=generator) > 0.25) | face
+        noise = torch.randn(inputs[f"init_latents_clip{clip}"].shape, generator=generator)
+        torch.testing.assert_close(noise, inputs[f"init_latents_clip{clip}"], atol=0, rtol=0)
+        assert torch.equal(outputs[f"motion_pixel_mask_clip{clip}"], mask.to(torch.uint8).expand(n, -1, -1))
+        expected = torch.cat([inputs["source_image"], motion[clip] * mask])
+        torch.testing.assert_close(outputs[f"ref_pixels_clip{clip}"], expected, atol=0, rtol=0)

@@ -7,6 +7,10 @@ Hallo's ``FaceAnimatePipeline`` with the clip loop of ``scripts/inference.py`` a
 converted ``EMOPipeline`` must reproduce. See ``docs/hallo_architecture.md`` for the spec and
 ``<output>/README.md`` (written by this script) for the tensor layouts.
 
+``--variant hallo2`` runs Hallo2's clip loop instead (hallo2 ``scripts/inference_long.py``: same networks,
+randomly masked motion-frame pixels); pass ``--hallo-src`` a Hallo2 checkout and ``--weights-dir`` the Hallo
+goldens' folder so both share one ``net.pth``.
+
 Usage (a separate venv, not the project's)::
 
     python3 -m venv /work/venv-hallo && . /work/venv-hallo/bin/activate
@@ -48,6 +52,7 @@ import argparse
 import ast
 import functools
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -67,6 +72,7 @@ CFG = 3.5  # default.yaml cfg_scale
 CLIPS = 2
 SIZE = 64  # pixels; the VAE downsamples 8x as SD's does, so latents are 8 x 8
 MOTION_SCALE = [1.0, 1.0, 1.0]  # [pose_weight, face_weight, lip_weight], default.yaml:42-44
+HALLO2_MASK_RATE = 0.25  # hallo2 configs/inference/long.yaml: use_mask: true, mask_rate: 0.25
 
 # A 4-level SD-like UNet: Hallo's UNet3DConditionModel hard-codes 4 levels (mask level = depth, up res
 # 2 ** (3 - i)); channels are multiples of 32 because the motion module's GroupNorm has 32 groups.
@@ -131,16 +137,16 @@ def enable_gradient_checkpointing_027(model: torch.nn.Module) -> None:
     model.apply(functools.partial(model._set_gradient_checkpointing, value=True))
 
 
-def load_from_inference_script(hallo_src: Path, names: set[str]) -> dict:
+def load_from_inference_script(hallo_src: Path, names: set[str], script_name: str = "inference.py") -> dict:
     """Shim 3: execute the named top-level defs of Hallo's scripts/inference.py verbatim, without its imports."""
-    source = (hallo_src / "scripts" / "inference.py").read_text()
+    source = (hallo_src / "scripts" / script_name).read_text()
     tree = ast.parse(source)
     body = [node for node in tree.body if isinstance(node, ast.FunctionDef | ast.ClassDef) and node.name in names]
     missing = names - {node.name for node in body}
     if missing:
-        raise SystemExit(f"scripts/inference.py of {hallo_src} lacks {sorted(missing)}")
+        raise SystemExit(f"scripts/{script_name} of {hallo_src} lacks {sorted(missing)}")
     namespace = {"torch": torch, "nn": torch.nn}
-    exec(compile(ast.Module(body=body, type_ignores=[]), str(hallo_src / "scripts/inference.py"), "exec"), namespace)
+    exec(compile(ast.Module(body=body, type_ignores=[]), str(hallo_src / "scripts" / script_name), "exec"), namespace)
     return namespace
 
 
@@ -204,9 +210,22 @@ def write_readme(output: Path, metadata: dict) -> None:
     """Describe every file and tensor layout of the goldens."""
     f, n, s, c = FRAMES, MOTION_FRAMES, STEPS, CLIPS
     h = SIZE // 8
-    text = f"""# Hallo goldens (tiny, random weights)
+    hallo2 = metadata["variant"] == "hallo2"
+    weights = metadata["weights_dir"]
+    where = "this folder" if weights == "." else f"`{weights}` (shared with the Hallo goldens: same seed)"
+    variant_note = (
+        "\nHallo2 (`fudan-generative-vision/hallo2`): its networks and `FaceAnimatePipeline` are byte-identical to\n"
+        "Hallo's; its `scripts/inference_long.py` differs in the clip loop: before each clip the motion-frame\n"
+        f"pixels are multiplied by `torch.rand(H, W) > {HALLO2_MASK_RATE} | face_region` (`long.yaml: use_mask`),\n"
+        "drawn from the shared generator before the clip's noise. The long-audio cut into 60 s wav2vec segments\n"
+        "(`use_cut`) does not apply to these synthetic audio features.\n"
+        if hallo2
+        else ""
+    )
+    text = f"""# {"Hallo2" if hallo2 else "Hallo"} goldens (tiny, random weights)
 
-Made by `tests/goldens/make_hallo_goldens.py` from Hallo's own code (commit `{metadata["hallo_commit"]}`), on
+Made by `tests/goldens/make_hallo_goldens.py --variant {metadata["variant"]}` from the authors' own code
+(commit `{metadata["hallo_commit"]}`), on
 torch {metadata["versions"]["torch"]}, diffusers {metadata["versions"]["diffusers"]}. Spec:
 `docs/hallo_architecture.md`. All tensors float32 unless noted; safetensors except `net.pth`.
 
@@ -214,8 +233,8 @@ Settings: {SIZE}x{SIZE} pixels, latents 4x{h}x{h}, f = {f} frames per clip, n = 
 {s} DDIM steps (timesteps {metadata["timesteps"]}), CFG {CFG}, motion_scale {MOTION_SCALE}, generator
 `torch.manual_seed({SEED})` shared by the clips (the initial noise is also saved, so parity does not need
 the RNG). Weights: every parameter random (`randomise_` in the script), seed {WEIGHT_SEED}.
-
-## Model files
+{variant_note}
+## Model files (in {where})
 * `net.pth` - `Net.state_dict()` exactly as scripts/inference.py loads it strictly (prefixes `reference_unet.`,
   `denoising_unet.`, `face_locator.`, `imageproj.`, `audioproj.`); a pickle of tensors only: load with
   `torch.load(path, map_location="cpu", weights_only=True)`.
@@ -247,7 +266,19 @@ the RNG). Weights: every parameter random (`randomise_` in the script), seed {WE
 * `audio_tokens_clipK` (1, f, 32, 32) - `audioproj(audio_emb_windowed[K*f:(K+1)*f][None])` (the cond row; uncond
   is zeros).
 * `ref_pixels_clipK` (1 + n, 3, {SIZE}, {SIZE}) in [-1, 1] - `[source, motion frames]` fed to the VAE; clip 0's
-  motion frames are the source image, clip K > 0's are clip K-1's last n decoded frames `* 2 - 1`.
+  motion frames are the source image, clip K > 0's are clip K-1's last n decoded frames `* 2 - 1`{
+        " (then masked)" if hallo2 else ""
+    }.{
+        chr(10)
+        + "* `motion_pixel_mask_clipK` (n, "
+        + str(SIZE)
+        + ", "
+        + str(SIZE)
+        + ") uint8 {0, 1} - the Hallo2 pixel mask"
+        " applied to the motion frames (same for the 3 channels)."
+        if hallo2
+        else ""
+    }
 * `ref_latents_clipK` (1 + n, 4, {h}, {h}) - `vae.encode(ref_pixels).latent_dist.mean * 0.18215`.
 * `noise_pred_clipK_stepS` (2, 4, f, {h}, {h}) - the denoiser output (v-prediction) before guidance; row 0 =
   uncond branch, row 1 = cond branch (layout b c f h w).
@@ -273,6 +304,27 @@ reads them rounded to float16). Module names are the ReferenceNet's, e.g.
     (output / "README.md").write_text(text)
 
 
+def publish_weights(made: Path, target: Path) -> Path:
+    """Put the generated net.pth, vae/ and unet/ in ``target``, or check that the ones there are identical."""
+    from safetensors.torch import load_file
+
+    if not (target / "net.pth").exists():
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(made / "net.pth", target / "net.pth")
+        for folder in ("vae", "unet"):
+            shutil.copytree(made / folder, target / folder, dirs_exist_ok=True)
+        return target
+    existing = torch.load(target / "net.pth", map_location="cpu", weights_only=True)
+    new = torch.load(made / "net.pth", map_location="cpu", weights_only=True)
+    vae_same = load_file(target / "vae" / "diffusion_pytorch_model.safetensors")
+    vae_new = load_file(made / "vae" / "diffusion_pytorch_model.safetensors")
+    same = existing.keys() == new.keys() and all(torch.equal(existing[k], new[k]) for k in new)
+    same = same and vae_same.keys() == vae_new.keys() and all(torch.equal(vae_same[k], vae_new[k]) for k in vae_new)
+    if not same:
+        raise SystemExit(f"{target} holds different weights: delete them or choose another --weights-dir")
+    return target
+
+
 def measure_noise_floor(args: argparse.Namespace, outputs: dict[str, torch.Tensor], rerun: Path) -> dict:
     """Rerun Hallo's code single-threaded and report max |difference| per output tensor.
 
@@ -283,7 +335,8 @@ def measure_noise_floor(args: argparse.Namespace, outputs: dict[str, torch.Tenso
     from safetensors.torch import load_file
 
     command = [sys.executable, __file__, "--hallo-src", str(args.hallo_src), "--output", str(rerun)]
-    command += ["--hallo-commit", args.hallo_commit or "-", "--threads", "1", "--no-floor"]
+    command += ["--hallo-commit", args.hallo_commit or "-", "--threads", "1", "--no-floor", "--variant", args.variant]
+    command += ["--weights-dir", str(args.weights_dir or args.output)]
     subprocess.run(command, check=True, capture_output=True)
     single = load_file(rerun / "outputs.safetensors")
     return {
@@ -298,6 +351,18 @@ def main() -> None:
     parser.add_argument("--hallo-src", type=Path, required=True, help="a checkout of fudan-generative-vision/hallo")
     parser.add_argument("--output", type=Path, default=Path("tests/goldens/hallo"))
     parser.add_argument("--hallo-commit", help="the commit of --hallo-src when it is not a git checkout")
+    parser.add_argument(
+        "--variant",
+        choices=["hallo", "hallo2"],
+        default="hallo",
+        help="hallo: scripts/inference.py; hallo2: hallo2's scripts/inference_long.py (same networks, masked motion "
+        "frames)",
+    )
+    parser.add_argument(
+        "--weights-dir",
+        type=Path,
+        help="where net.pth, vae/ and unet/ go (default: --output); if they exist there they must be identical",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     parser.add_argument(
         "--no-floor", action="store_true", help="skip the second, single-thread run that measures the noise floor"
@@ -324,10 +389,14 @@ def main() -> None:
     from omegaconf import OmegaConf
     from safetensors.torch import load_file, save_file
 
-    script = load_from_inference_script(hallo_src, {"Net", "process_audio_emb"})
+    script_name = "inference.py" if args.variant == "hallo" else "inference_long.py"
+    script = load_from_inference_script(hallo_src, {"Net", "process_audio_emb"}, script_name)
     Net, process_audio_emb = script["Net"], script["process_audio_emb"]
 
-    config = OmegaConf.load(hallo_src / "configs" / "inference" / "default.yaml")
+    config_name = "default.yaml" if args.variant == "hallo" else "long.yaml"  # hallo2 ships long.yaml only
+    config = OmegaConf.load(hallo_src / "configs" / "inference" / config_name)
+    if args.variant == "hallo2":
+        assert config.use_mask and config.mask_rate == HALLO2_MASK_RATE, "long.yaml changed: check the mask step"
     unet_additional_kwargs = OmegaConf.to_container(config.unet_additional_kwargs)
     unet_additional_kwargs["audio_attention_dim"] = AUDIO_PROJ_KWARGS["output_dim"]  # 768 released
     sched_kwargs = OmegaConf.to_container(config.noise_scheduler_kwargs)
@@ -366,7 +435,7 @@ def main() -> None:
 
         vae = AutoencoderKL(**TINY_VAE_CONFIG)
         randomise_(vae, generator)
-        vae.save_pretrained(output / "vae")
+        vae.save_pretrained(work / "weights" / "vae")
 
         # the released net.pth: Net(...) of the same classes, every parameter random
         def build_modules():
@@ -388,21 +457,22 @@ def main() -> None:
         # stored as float16 to keep the file small (the model computes in float32 after the strict load, so the
         # goldens see exactly these fp16-representable values)
         net_state = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in net.state_dict().items()}
-        torch.save(net_state, output / "net.pth")
-        (output / "unet").mkdir(exist_ok=True)
-        (output / "unet" / "config.json").write_text(json.dumps(TINY_UNET_CONFIG, indent=2) + "\n")
+        torch.save(net_state, work / "weights" / "net.pth")
+        (work / "weights" / "unet").mkdir()
+        (work / "weights" / "unet" / "config.json").write_text(json.dumps(TINY_UNET_CONFIG, indent=2) + "\n")
         del net, mm_placeholder, seed_unet
+        weights = publish_weights(work / "weights", args.weights_dir or output)
 
         # --- inference.py step 4: build, freeze, checkpointing, strict load of net.pth ---
         val_noise_scheduler = DDIMScheduler(**sched_kwargs)
-        vae = AutoencoderKL.from_pretrained(output / "vae")
+        vae = AutoencoderKL.from_pretrained(weights / "vae")
         reference_unet, denoising_unet, face_locator, image_proj, audio_proj = build_modules()
         for module in (vae, image_proj, reference_unet, denoising_unet, face_locator, audio_proj):
             module.requires_grad_(False)
         enable_gradient_checkpointing_027(reference_unet)  # inference.py:233 (shim 2)
         enable_gradient_checkpointing_027(denoising_unet)  # inference.py:234 (shim 2)
         net = Net(reference_unet, denoising_unet, face_locator, image_proj, audio_proj)
-        released = torch.load(output / "net.pth", map_location="cpu", weights_only=True)
+        released = torch.load(weights / "net.pth", map_location="cpu", weights_only=True)
         missing, unexpected = net.load_state_dict(released)
         assert len(missing) == 0 and len(unexpected) == 0, "Fail to load correct checkpoint."  # inference.py:250
 
@@ -512,6 +582,20 @@ def main() -> None:
                 pixel_values_ref_img = torch.cat([source_image_pixels, motion_frames], dim=0)
             pixel_values_ref_img = pixel_values_ref_img.unsqueeze(0)
 
+            if args.variant == "hallo2":  # hallo2 scripts/inference_long.py:404-418, long.yaml use_mask/mask_rate
+                pixel_motion_values = pixel_values_ref_img[:, 1:]
+                b, f, c, h, w = pixel_motion_values.shape
+                rand_mask = torch.rand(h, w)  # the global generator, i.e. `generator`, before the clip's noise
+                mask = rand_mask > HALLO2_MASK_RATE
+                mask = mask.unsqueeze(0).unsqueeze(0).unsqueeze(0)
+                mask = mask.expand(b, f, c, h, w)
+                face_mask = source_image_face_region.repeat(f, 1, 1, 1).unsqueeze(0)
+                assert face_mask.shape == mask.shape
+                mask = mask | face_mask.bool()
+                pixel_motion_values = pixel_motion_values * mask
+                pixel_values_ref_img[:, 1:] = pixel_motion_values
+                outputs[f"motion_pixel_mask_clip{t}"] = mask[0, :, 0].to(torch.uint8).clone()  # (n, H, W)
+
             audio_tensor = audio_emb[t * clip_length : min((t + 1) * clip_length, audio_emb.shape[0])]
             audio_tensor = audio_tensor.unsqueeze(0)
             audio_tensor = audio_tensor.to(device=net.audioproj.device, dtype=net.audioproj.dtype)
@@ -551,7 +635,9 @@ def main() -> None:
         save_file({k: v.contiguous() for k, v in bank.items()}, output / "reference_bank.safetensors")
 
         metadata = {
-            "hallo_repo": "https://github.com/fudan-generative-vision/hallo",
+            "variant": args.variant,
+            "weights_dir": str(Path(os.path.relpath(weights, output))),
+            "hallo_repo": f"https://github.com/fudan-generative-vision/{args.variant}",
             "hallo_commit": commit,
             "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
             "seed": SEED,
