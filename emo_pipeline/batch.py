@@ -241,7 +241,12 @@ def run_batch(
 
         pipe = None
         if ready:
-            pipe = load_pipeline(model, device=device or str(state.device), dtype=dtype, notice=sys.stderr if state.is_main_process else None)
+            pipe = load_pipeline(
+                model,
+                device=device or str(state.device),
+                dtype=dtype,
+                notice=sys.stderr if state.is_main_process else None,
+            )
             default_scheduler = pipe.scheduler
         for number, (job, settings, size) in enumerate(ready, start=1):
             steps = settings.get("steps") or fallback["steps"]
@@ -282,7 +287,10 @@ def run_batch(
             results.append({"line": job.line, "output": job.output, "status": "written"})
             print(f"{label}wrote {job.output}", flush=True)
 
-    everything = gather_object(results) if state.num_processes > 1 else results
+    everything = results
+    if state.num_processes > 1:
+        everything = gather_object(results)
+        state.destroy_process_group()  # this launch is done; a clean exit without "process group not destroyed"
     written = sum(r["status"] == "written" for r in everything)
     failures = sorted(
         ({k: v for k, v in r.items() if k != "status"} for r in everything if r["status"] == "failed"),
