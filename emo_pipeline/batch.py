@@ -245,7 +245,7 @@ def run_batch(
                 model,
                 device=device or str(state.device),
                 dtype=dtype,
-                notice=sys.stderr if state.is_main_process else None,
+                notice=state.is_main_process,
             )
             default_scheduler = pipe.scheduler
         for number, (job, settings, size) in enumerate(ready, start=1):

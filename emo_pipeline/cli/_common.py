@@ -102,11 +102,11 @@ def preflight(
 
 
 def load_pipeline(
-    model: str | None, device: str | None = None, dtype: str = "fp32", notice: TextIO | None = sys.stderr
+    model: str | None, device: str | None = None, dtype: str = "fp32", notice: bool = True
 ) -> EMOPipeline:
     """Load an EMOPipeline folder or Hub id onto `device` (default: cuda when available), or the tiny random demo
-    pipeline when `model` is None (printing `DEMO_NOTICE` to `notice`). Its own progress bar is switched off:
-    callers label theirs (`StepProgress`). An unloadable model is an `EMOInputError`."""
+    pipeline when `model` is None (printing `DEMO_NOTICE` to stderr when `notice`). Its own progress bar is
+    switched off: callers label theirs (`StepProgress`). An unloadable model is an `EMOInputError`."""
     import torch
 
     from emo_pipeline.pipeline_emo import EMOPipeline
@@ -114,8 +114,8 @@ def load_pipeline(
 
     torch_dtype = getattr(torch, DTYPES[dtype])
     if model is None:
-        if notice is not None:
-            print(DEMO_NOTICE, file=notice, flush=True)
+        if notice:
+            print(DEMO_NOTICE, file=sys.stderr, flush=True)
         pipe = tiny_emo_pipeline()
         if torch_dtype != torch.float32:
             pipe.to(dtype=torch_dtype)
