@@ -190,6 +190,9 @@ def build_demo(
     defaults = demo_defaults(model is None)
 
     def run(image, audio, model_id, steps, guidance_scale, seed, size, speed, scheduler, progress=gr.Progress()):  # noqa: B008
+        # Hand Gradio the running generator at once: Stop closes the generator Gradio holds, and Gradio holds it
+        # only after its first value. Without this, Stop during the first clip would orphan the job.
+        yield None, None, None, "Checking the inputs…"
         try:
             yield from generate(
                 holder, work, image, audio, model_id, steps, guidance_scale, seed, size, speed, scheduler, progress

@@ -144,7 +144,8 @@ def app_server(tmp_path_factory):
     _browser_paths()
     port = _free_port()
     log = tmp_path_factory.mktemp("app") / "server.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    server_tmp = tmp_path_factory.mktemp("server_tmp")  # the server's job folders live here: the tests look in
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "TMPDIR": str(server_tmp)}
     with open(log, "wb") as out:
         server = subprocess.Popen(
             [sys.executable, "-m", "emo_pipeline.app", "--host", "127.0.0.1", "--port", str(port)],
@@ -165,7 +166,7 @@ def app_server(tmp_path_factory):
             server.kill()
             pytest.fail(f"emo-app did not start:\n{log.read_text()}")
         time.sleep(0.5)
-    yield url
+    yield url, server_tmp
     server.terminate()
     try:
         server.wait(timeout=20)
@@ -199,7 +200,7 @@ def browser(app_server):
         options.add_argument(argument)
     page = webdriver.Chrome(service=Service(driver), options=options)
     page.set_page_load_timeout(60)
-    page.get(app_server)
+    page.get(app_server[0])
     yield page
     page.quit()
     shutil.rmtree(profile, ignore_errors=True)
@@ -277,3 +278,20 @@ def test_in_a_browser_a_text_file_as_audio_shows_the_error_message(browser, tmp_
     _wait(lambda: message in page.find_element(By.TAG_NAME, "body").text, 120, "the error message", page)
     body = page.find_element(By.TAG_NAME, "body").text
     assert "Traceback" not in body and "/tmp/" not in body
+
+
+@pytest.mark.slow
+def test_in_a_browser_stop_leaves_no_file(browser, app_server):
+    from selenium.webdriver.common.by import By
+
+    page = browser
+    _upload(page, "portrait", PORTRAIT)
+    _upload(page, "audio", SPEECH)
+    _wait(lambda: page.find_elements(By.CSS_SELECTOR, "#portrait img"), 60, "the portrait preview", page)
+    _wait(lambda: page.find_elements(By.CSS_SELECTOR, "#audio button, #audio audio"), 60, "the audio player", page)
+    page.find_element(By.ID, "generate").click()
+    jobs = lambda: list(app_server[1].glob("emo-app-*/job-*"))  # noqa: E731
+    _wait(jobs, 120, "the job to start", page)
+    page.find_element(By.ID, "stop").click()
+    _wait(lambda: not jobs(), 120, "the stopped job's files to be removed", page)
+    assert not page.find_elements(By.CSS_SELECTOR, "#download a[href]")  # no video was offered
