@@ -179,9 +179,11 @@ def build_demo(
     dtype: str = "fp32",
     concurrency: int = 1,
     workdir: str | Path | None = None,
+    model_editable: bool = True,
 ) -> Any:
     """The Gradio Blocks page. `model`: the EMOPipeline folder or Hub id shown (and loaded) by default; None for
-    the tiny random demo pipeline. `workdir`: where jobs write (default: a new temporary folder)."""
+    the tiny random demo pipeline. `workdir`: where jobs write (default: a new temporary folder).
+    `model_editable`: whether visitors may pick another model (a folder of the server or any Hub id)."""
     import gradio as gr
 
     holder = PipelineHolder(model, device, dtype)
@@ -195,7 +197,18 @@ def build_demo(
         yield None, None, None, "Checking the inputs…"
         try:
             yield from generate(
-                holder, work, image, audio, model_id, steps, guidance_scale, seed, size, speed, scheduler, progress
+                holder,
+                work,
+                image,
+                audio,
+                model_id if model_editable else model,
+                steps,
+                guidance_scale,
+                seed,
+                size,
+                speed,
+                scheduler,
+                progress,
             )
         except EMOInputError as error:
             raise gr.Error(_user_paths(str(error), image, audio), duration=None, print_exception=False) from None
@@ -225,6 +238,7 @@ def build_demo(
                     label="Model (EMOPipeline folder or Hub id; empty = tiny random demo model)",
                     value=model or "",
                     elem_id="model",
+                    interactive=model_editable,
                 )
                 with gr.Accordion("Settings", open=False):
                     steps = gr.Slider(1, 100, value=defaults["steps"], step=1, label="Denoising steps per clip")
@@ -296,7 +310,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up requests
-    demo = build_demo(args.model, args.device, args.dtype, args.concurrency)
+    # Only a page served to this machine alone lets its visitor load another model (any folder of the server).
+    private = args.host in ("127.0.0.1", "localhost", "::1") and not args.share
+    demo = build_demo(args.model, args.device, args.dtype, args.concurrency, model_editable=private)
     if not args.no_preload:
         try:
             demo.emo_holder.get(args.model)

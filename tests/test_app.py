@@ -106,6 +106,15 @@ def test_bad_input_is_an_error_before_the_model_is_loaded(tmp_path, case, messag
         next(generate(NoModel(), tmp_path, image, audio, "", 1, 3.5, 0, 64, 0, "model default"))
 
 
+def test_only_a_private_page_lets_visitors_pick_the_model():
+    def model_box(demo):
+        (box,) = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "model"]
+        return box
+
+    assert model_box(build_demo("some/model")).interactive is True
+    assert model_box(build_demo("some/model", model_editable=False)).interactive is False
+
+
 def test_the_page_shows_the_notices_and_the_demo_warning():
     demo = build_demo(None)
     text = " ".join(str(block.value) for block in demo.blocks.values() if type(block).__name__ == "Markdown")
