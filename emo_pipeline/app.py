@@ -217,7 +217,9 @@ def build_demo(
             message = _user_paths(f"generation failed: {type(error).__name__}: {error}", image, audio)
             raise gr.Error(message, duration=None, print_exception=False) from None
 
-    with gr.Blocks(title="EMO talking head", delete_cache=(3600, 3600)) as demo:
+    # No usage reports or version checks (calls to Gradio's servers) unless GRADIO_ANALYTICS_ENABLED=True.
+    analytics = os.environ.get("GRADIO_ANALYTICS_ENABLED", "False").lower() == "true"
+    with gr.Blocks(title="EMO talking head", delete_cache=(3600, 3600), analytics_enabled=analytics) as demo:
         gr.Markdown(
             "# EMO: portrait + audio → talking-head video\n"
             "Upload a portrait with one face and speech or singing; the video follows the audio's length and "
@@ -302,7 +304,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run `emo-app` until interrupted."""
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage reports unless the user asks for them
     try:
         import gradio  # noqa: F401
     except ImportError:
