@@ -6,7 +6,7 @@
 
 The page takes a portrait (upload or webcam) and audio (upload or microphone), the main settings, and shows a
 progress bar over clips and steps, each clip as soon as it is decoded, then the whole mp4 to watch and download.
-One pipeline is loaded per process and jobs are queued (`--concurrency` at a time, default 1). Bad input is shown
+One pipeline is loaded per process and jobs wait in a queue, one running at a time. Bad input is shown
 on the page as the `EMOInputError` text; a stopped job leaves no file. Every video carries the invisible
 watermark and the AI-generated tag.
 """
@@ -177,7 +177,6 @@ def build_demo(
     model: str | None = None,
     device: str | None = None,
     dtype: str = "fp32",
-    concurrency: int = 1,
     workdir: str | Path | None = None,
     model_editable: bool = True,
 ) -> Any:
@@ -263,7 +262,8 @@ def build_demo(
             run,
             [image, audio, model_box, steps, guidance, seed, size, speed, scheduler],
             [latest, final, download, status],
-            concurrency_limit=concurrency,
+            # One job at a time: the one pipeline keeps per-run state (last_plan, clip_index); others queue.
+            concurrency_limit=1,
         )
         stop.click(None, cancels=[event])
     demo.emo_holder = holder  # for tests and callers that want the loaded pipeline
@@ -294,7 +294,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--share", action="store_true", help="also make a public gradio.live link (default: off)")
     parser.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights' precision (default: fp32)")
-    parser.add_argument("--concurrency", type=int, default=1, help="jobs run at once; others wait (default: 1)")
     parser.add_argument(
         "--no-preload", action="store_true", help="load the model on the first job, not at start (default: at start)"
     )
@@ -313,14 +312,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up requests
     # Only a page served to this machine alone lets its visitor load another model (any folder of the server).
     private = args.host in ("127.0.0.1", "localhost", "::1") and not args.share
-    demo = build_demo(args.model, args.device, args.dtype, args.concurrency, model_editable=private)
+    demo = build_demo(args.model, args.device, args.dtype, model_editable=private)
     if not args.no_preload:
         try:
             demo.emo_holder.get(args.model)
         except EMOInputError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
-    demo.queue(default_concurrency_limit=args.concurrency).launch(
+    demo.queue(default_concurrency_limit=1).launch(
         server_name=args.host,
         server_port=args.port,
         share=args.share,
