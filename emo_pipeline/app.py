@@ -162,7 +162,7 @@ def generate(
         # Gradio has copied what it shows into its own cache by now; a stopped job leaves nothing behind.
         shutil.rmtree(job, ignore_errors=True)
         if not completed:
-            logger.info("job stopped before the end: its files were removed")
+            logger.info("job did not finish (stopped or failed): its files were removed")
 
 
 def _user_paths(message: str, *uploads: str | None) -> str:
