@@ -13,6 +13,7 @@ mediapipe and OpenCV are imported on first use, so `load_image` stays cheap to i
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
@@ -258,9 +259,14 @@ def _detector(model_selection: int, min_confidence: float) -> Any:
     if key not in cache:
         import mediapipe as mp
 
-        cache[key] = mp.solutions.face_detection.FaceDetection(
-            model_selection=model_selection, min_detection_confidence=float(min_confidence)
-        )
+        from emo_pipeline._native_log import quiet_native_logs
+
+        with quiet_native_logs():  # the graph's first run prints TFLite/absl start-up lines: keep them off stderr
+            detector = mp.solutions.face_detection.FaceDetection(
+                model_selection=model_selection, min_detection_confidence=float(min_confidence)
+            )
+            detector.process(np.zeros((64, 64, 3), np.uint8))
+        cache[key] = detector
     return cache[key]
 
 
@@ -581,7 +587,10 @@ def estimate_head_poses(frames: Iterable[np.ndarray]) -> np.ndarray:
     import cv2
     import mediapipe as mp
 
+    from emo_pipeline._native_log import quiet_native_logs
+
     poses: list[tuple[float, float, float]] = []
+    seen_face = False  # face mesh prints TFLite/absl start-up lines until its first face: keep them off stderr
     previous: tuple[np.ndarray, np.ndarray] | None = None
     with mp.solutions.face_mesh.FaceMesh(
         static_image_mode=False,
@@ -597,12 +606,14 @@ def estimate_head_poses(frames: Iterable[np.ndarray]) -> np.ndarray:
                     f"video frame {index}: expected (H, W, 3) uint8 RGB, got shape {frame.shape} dtype {frame.dtype}"
                 )
             frame = np.ascontiguousarray(frame)
-            result = mesh.process(frame)
-            if result.multi_face_landmarks and previous is None:
-                # A newly found face gets landmarks from the detector's rough box; a second pass on the same frame
-                # takes them from the tracker's landmark-based box, like every later frame. Without it the first
-                # frame's pose is off by ~1 degree, a spurious 0.5 rad/s jump at 25 fps.
+            with contextlib.nullcontext() if seen_face else quiet_native_logs():
                 result = mesh.process(frame)
+                if result.multi_face_landmarks and previous is None:
+                    # A newly found face gets landmarks from the detector's rough box; a second pass on the same
+                    # frame takes them from the tracker's landmark-based box, like every later frame. Without it the
+                    # first frame's pose is off by ~1 degree, a spurious 0.5 rad/s jump at 25 fps.
+                    result = mesh.process(frame)
+            seen_face = seen_face or bool(result.multi_face_landmarks)
             if not result.multi_face_landmarks:
                 poses.append((math.nan, math.nan, math.nan))
                 previous = None

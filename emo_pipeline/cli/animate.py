@@ -1,23 +1,45 @@
-"""emo-animate: portrait + audio -> talking-head mp4, streamed clip by clip.
+"""emo-animate: portrait + audio -> talking-head mp4, streamed clip by clip; or many jobs at once (--jobs).
 
     emo-animate --image portrait.png --audio speech.wav --output out.mp4 --model path/or/hub-id
 
 Without `--model` it runs a seeded tiny *random* pipeline (emo_pipeline.testing): the whole path (face detection,
 audio features, clip chaining, decoding, watermark, mp4 muxing) runs in seconds on a CPU, and the video is noise.
-Exit codes: 0 ok, 2 bad input (the message names it), 130 interrupted (no output file is left).
+The inputs and the output folder are checked before any model is loaded. Exit codes: 0 ok, 2 bad input (the
+message names it), 130 interrupted (no output file is left). With --jobs: 0 all jobs done, 1 some failed (see
+failures.jsonl), 2 the job file itself is bad.
+
+This module imports no torch/diffusers until it runs a model, so `--help` is instant.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
+from emo_pipeline.cli._common import DTYPES, SCHEDULER_NAMES
 from emo_pipeline.errors import EMOInputError
 
-__all__ = ["main"]
+__all__ = ["SCHEDULER_NAMES", "build_parser", "main"]
 
-_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+_EPILOG = """\
+examples:
+  emo-animate --image portrait.png --audio speech.wav --output out.mp4 --model path/or/hub-id
+  emo-animate --image emo_pipeline/assets/portrait.png --audio emo_pipeline/assets/speech.wav --output demo.mp4
+  emo-animate --jobs jobs.csv --model path/or/hub-id          # many videos; resumable
+  accelerate launch --num_processes 4 -m emo_pipeline.cli.animate --jobs jobs.csv --model path/or/hub-id
+
+job files (--jobs): .csv with a header, or .jsonl; columns image, audio, output (relative to the job file's
+folder) and optional per-job settings: seed, steps, guidance_scale, height, fps, speed, scheduler,
+frames_per_clip, motion_frames, face_index, crf (an empty cell takes the command line's value).
+
+exit codes:
+  0    done (with --jobs: every job written or already there)
+  1    --jobs: some jobs failed; each is in failures.jsonl with its reason
+  2    bad input or arguments (the message names it and says what to do); --jobs: the job file is bad
+  130  interrupted (Ctrl-C): no half-written video is left
+"""
 
 
 def _box(text: str) -> tuple[float, float, float, float]:
@@ -31,68 +53,144 @@ def _box(text: str) -> tuple[float, float, float, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from emo_pipeline.pipeline_emo import SCHEDULERS
-
-    parser = argparse.ArgumentParser(prog="emo-animate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--image", required=True, help="portrait image (any format PIL reads)")
-    parser.add_argument("--audio", required=True, help="speech or singing (any format PyAV reads, or a video)")
-    parser.add_argument("--output", required=True, help="mp4 to write (appears only when complete)")
-    parser.add_argument("--model", help="EMOPipeline folder or Hub id; omit for the tiny random demo pipeline")
-    parser.add_argument("--height", type=int, help="output size in pixels (square; default 512, demo 64)")
-    parser.add_argument("--fps", type=float, default=25.0)
-    parser.add_argument("--steps", type=int, help="denoising steps per clip (default 40, demo 4)")
-    parser.add_argument("--guidance-scale", type=float, default=3.5, help="audio guidance; <= 1 disables it")
-    parser.add_argument("--frames-per-clip", type=int, default=12)
-    parser.add_argument("--motion-frames", type=int, default=4)
-    parser.add_argument("--speed", type=float, help="head rotation speed in rad/s (default: no speed conditioning)")
-    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="default: the model's own (DDIM)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--face-box", type=_box, help="x0,y0,x1,y1 of the face in the image (skips detection)")
-    parser.add_argument("--face-index", type=int, help="which detected face to use (0 = largest)")
-    parser.add_argument("--no-watermark", action="store_true", help="do not embed the invisible watermark")
-    parser.add_argument("--crf", type=int, default=18, help="H.264 quality (lower is better; 18 looks lossless)")
-    parser.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32")
-    parser.add_argument("--max-audio-seconds", type=float, default=3600.0)
+    """The argument parser of `emo-animate` (imports nothing heavy)."""
+    parser = argparse.ArgumentParser(
+        prog="emo-animate",
+        description=__doc__.split("\n\n")[0],
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    io = parser.add_argument_group("inputs and output (one video)")
+    io.add_argument("--image", help="portrait image (any format PIL reads); cropped square around the face")
+    io.add_argument("--audio", help="speech or singing (any format PyAV reads, or a video's sound track)")
+    io.add_argument("--output", help="mp4 to write; its folder must exist; the file appears only when complete")
+    batch = parser.add_argument_group("many videos")
+    batch.add_argument("--jobs", metavar="FILE", help="a .csv or .jsonl job file instead of --image/--audio/--output")
+    batch.add_argument(
+        "--failures", metavar="FILE", help="where failed jobs are listed (default: failures.jsonl beside the job file)"
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--model", help="EMOPipeline folder or Hub id (default: the tiny random demo pipeline; its video is noise)"
+    )
+    model.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when available, else cpu)")
+    model.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights' precision (default: fp32)")
+    model.add_argument(
+        "--scheduler", choices=SCHEDULER_NAMES, help="sampler (default: the model's own, DDIM for EMO models)"
+    )
+    gen = parser.add_argument_group("generation")
+    gen.add_argument("--height", type=int, help="output size in pixels, square (default: 512; demo model: 64)")
+    gen.add_argument("--steps", type=int, help="denoising steps per clip (default: 40; demo model: 4)")
+    gen.add_argument(
+        "--guidance-scale", type=float, default=3.5, help="audio guidance; <= 1 turns it off (default: 3.5)"
+    )
+    gen.add_argument("--seed", type=int, default=0, help="random seed; same seed, same video (default: 0)")
+    gen.add_argument("--fps", type=float, default=25.0, help="frames per second; length follows audio (default: 25)")
+    gen.add_argument(
+        "--speed", type=float, help="head rotation speed in rad/s, e.g. 0.3 (default: none, no speed conditioning)"
+    )
+    gen.add_argument(
+        "--frames-per-clip", type=int, default=12, help="frames generated together per clip (default: 12)"
+    )
+    gen.add_argument(
+        "--motion-frames",
+        type=int,
+        default=4,
+        help="frames of the previous clip each clip continues from (default: 4)",
+    )
+    gen.add_argument("--face-box", type=_box, help="x0,y0,x1,y1 of the face in the image in pixels (skips detection)")
+    gen.add_argument(
+        "--face-index", type=int, help="which detected face to animate, 0 = largest (default: the largest)"
+    )
+    out = parser.add_argument_group("output file")
+    out.add_argument("--crf", type=int, default=18, help="H.264 quality, lower is better (default: 18, ~lossless)")
+    out.add_argument("--no-watermark", action="store_true", help="do not embed the invisible watermark (please don't)")
+    out.add_argument(
+        "--max-audio-seconds", type=float, default=3600.0, help="refuse longer audio (default: 3600, one hour)"
+    )
+    out.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
-def _load_pipeline(args: argparse.Namespace):
-    import torch
-
-    from emo_pipeline.pipeline_emo import EMOPipeline
-    from emo_pipeline.testing import tiny_emo_pipeline
-
-    dtype = getattr(torch, _DTYPES[args.dtype])
-    if args.model is None:
-        print(
-            "WARNING: no --model given: running a tiny pipeline with RANDOM weights. It exercises the whole path\n"
-            "WARNING: (face crop, audio features, clip chaining, decoding, mp4), but the video will be NOISE.\n"
-            "WARNING: Pass --model <EMOPipeline folder or Hub id> for real results.",
-            file=sys.stderr,
-        )
-        pipe = tiny_emo_pipeline()
-        if dtype != torch.float32:
-            pipe.to(dtype=dtype)
-        pipe.set_progress_bar_config(disable=False)
-    else:
-        try:
-            pipe = EMOPipeline.from_pretrained(args.model, torch_dtype=dtype)
-        except (OSError, ValueError) as error:
-            raise EMOInputError(f"cannot load --model {args.model!r}: {error}") from error
-    return pipe.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def _defaults(args: argparse.Namespace) -> dict:
+    """Command-line settings under the job-file column names (`emo_pipeline.batch.JOB_SETTINGS`)."""
+    return {
+        "seed": args.seed,
+        "steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "height": args.height,
+        "fps": args.fps,
+        "speed": args.speed,
+        "scheduler": args.scheduler,
+        "frames_per_clip": args.frames_per_clip,
+        "motion_frames": args.motion_frames,
+        "face_index": args.face_index,
+        "crf": args.crf,
+    }
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    demo = args.model is None
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"  # set by torchrun/accelerate launch before any process group exists
+
+
+def _run_jobs(args: argparse.Namespace) -> int:
+    from emo_pipeline.batch import read_jobs, run_batch
+
     try:
-        pipe = _load_pipeline(args)
+        jobs = read_jobs(args.jobs, scheduler_names=SCHEDULER_NAMES)
+    except EMOInputError as error:
+        if _is_main_process():
+            print(f"error: {error}", file=sys.stderr)
+        return 2
+    failures = args.failures or os.path.join(os.path.dirname(os.path.abspath(args.jobs)), "failures.jsonl")
+    try:
+        summary = run_batch(
+            jobs,
+            _defaults(args),
+            model=args.model,
+            failures_path=failures,
+            device=args.device,
+            dtype=args.dtype,
+            watermark=not args.no_watermark,
+            max_audio_seconds=args.max_audio_seconds,
+            progress=not args.no_progress,
+        )
+    except EMOInputError as error:  # the model itself cannot be loaded: no job can run
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished videos are kept; re-run the same command to resume", file=sys.stderr)
+        return 130
+    if _is_main_process():
+        print(summary.describe() + (f"\nfailures: {failures}" if summary.failures else ""))
+    return 1 if summary.failures else 0
+
+
+def _run_one(args: argparse.Namespace) -> int:
+    from emo_pipeline.cli._common import StepProgress, demo_defaults, load_pipeline, preflight
+
+    demo = args.model is None
+    defaults = demo_defaults(demo)
+    size = args.height or defaults["size"]
+    steps = args.steps if args.steps is not None else defaults["steps"]
+    progress = None
+    try:
+        preflight(
+            args.image,
+            args.audio,
+            args.output,
+            size=size,
+            fps=args.fps,
+            face_index=args.face_index,
+            face_box=args.face_box,
+            max_audio_seconds=args.max_audio_seconds,
+        )
+        pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
         if args.scheduler:
             pipe.set_scheduler(args.scheduler)
         import torch
 
-        size = args.height or (64 if demo else 512)
+        progress = StepProgress(steps, disable=args.no_progress)
         start = time.perf_counter()
         path = pipe.write_video(
             args.output,
@@ -104,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             fps=args.fps,
             num_frames_per_clip=args.frames_per_clip,
             num_motion_frames=args.motion_frames,
-            num_inference_steps=args.steps if args.steps is not None else (4 if demo else 40),
+            num_inference_steps=steps,
             guidance_scale=args.guidance_scale,
             speed=args.speed,
             face_box=args.face_box,
@@ -112,13 +210,19 @@ def main(argv: list[str] | None = None) -> int:
             watermark=not args.no_watermark,
             generator=torch.Generator().manual_seed(args.seed),
             max_audio_seconds=args.max_audio_seconds,
+            callback_on_step_end=progress,
         )
     except EMOInputError as error:
+        if progress is not None:
+            progress.close()
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: no output written", file=sys.stderr)
+        if progress is not None:
+            progress.close()
+        print("\ninterrupted: no output written", file=sys.stderr)
         return 130
+    progress.close()
     plan = pipe.last_plan
     print(
         f"wrote {path} ({plan.num_frames} frames, {plan.num_frames / args.fps:.2f} s at {args.fps:g} fps, "
@@ -126,6 +230,23 @@ def main(argv: list[str] | None = None) -> int:
         + (" -- random demo weights: the video is noise" if demo else "")
     )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `emo-animate` on `argv` (default: sys.argv[1:]); return the exit code (see the module docstring)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.jobs:
+        given = [f"--{name}" for name in ("image", "audio", "output") if getattr(args, name)]
+        if given:
+            parser.error(f"--jobs takes the inputs from the job file; drop {' '.join(given)}")
+        if args.face_box:
+            parser.error("--face-box is per image; it cannot apply to a whole job file")
+        return _run_jobs(args)
+    missing = [f"--{name}" for name in ("image", "audio", "output") if not getattr(args, name)]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)} (or --jobs FILE)")
+    return _run_one(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 from emo_pipeline.errors import EMOInputError
@@ -24,81 +23,104 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `emo-preprocess`, every option's default in its help."""
+    from emo_pipeline.data.clips import REJECTION_REASONS
     from emo_pipeline.data.preprocess import DEFAULT_AUDIO_ENCODER, PreprocessConfig
 
-    defaults = PreprocessConfig()
+    d = PreprocessConfig()
+    reasons = "\n".join(f"  {name:<17}{text}" for name, text in REJECTION_REASONS.items())
     parser = argparse.ArgumentParser(
         prog="emo-preprocess",
         description=__doc__.split("\n\n")[0],
-        epilog="Reasons a clip or video is rejected: see emo_pipeline/data/clips.py and preprocess.py.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "example:\n  emo-preprocess raw_videos/ data/my_dataset --workers 4 --fps 25 --size 512\n\n"
+            "why a clip is rejected (counted in stats.json; a video with no clip is in failures.jsonl):\n"
+            f"{reasons}\n\n"
+            "exit codes:\n  0    done (videos that gave no clip are listed in failures.jsonl)\n"
+            "  2    bad arguments or input (the message names it)\n"
+            "  130  interrupted: finished clips are kept; re-run the same command to resume"
+        ),
     )
-    parser.add_argument("input_dir", help="folder of source videos (searched recursively)")
-    parser.add_argument("output_dir", help="dataset folder to create or resume")
-    parser.add_argument("--fps", type=float, default=defaults.fps, help="frame rate of the clips (default 25)")
-    parser.add_argument("--size", type=int, default=defaults.size, help="side of the square crops in pixels")
-    parser.add_argument("--min-seconds", type=float, default=defaults.min_seconds, help="shortest clip")
-    parser.add_argument("--max-seconds", type=float, default=defaults.max_seconds, help="longest clip")
-    parser.add_argument("--workers", type=int, default=1, help="processes (default 1: this process)")
-    parser.add_argument("--retry-failed", action="store_true", help="reprocess the videos in failures.jsonl")
+    parser.add_argument("input_dir", help="folder of source videos: mp4/mov/mkv/webm/avi/m4v, searched recursively")
+    parser.add_argument("output_dir", help="dataset folder to create, or to resume")
+    parser.add_argument("--fps", type=float, default=d.fps, help=f"frame rate of the clips (default: {d.fps:g})")
+    parser.add_argument("--size", type=int, default=d.size, help=f"side of the square crops in px (default: {d.size})")
+    parser.add_argument(
+        "--min-seconds", type=float, default=d.min_seconds, help=f"shortest clip (default: {d.min_seconds:g})"
+    )
+    parser.add_argument(
+        "--max-seconds", type=float, default=d.max_seconds, help=f"longest clip (default: {d.max_seconds:g})"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="processes (default: 1, this process)")
+    parser.add_argument("--retry-failed", action="store_true", help="reprocess the videos listed in failures.jsonl")
     parser.add_argument(
         "--audio-encoder",
         default=DEFAULT_AUDIO_ENCODER,
-        help=f"wav2vec2 hub id or local folder (default {DEFAULT_AUDIO_ENCODER}); 'none' writes no features",
+        help=f"wav2vec2 Hub id or local folder; 'none' writes no features (default: {DEFAULT_AUDIO_ENCODER})",
     )
-    parser.add_argument("--features-fp16", action="store_true", help="store the audio features as float16")
+    parser.add_argument(
+        "--features-fp16", action="store_true", help="store the audio features as float16 (default: float32)"
+    )
     parser.add_argument(
         "--crop-scale",
         type=float,
-        default=defaults.crop_scale,
-        help=f"crop side / side of the clip's union face box (default {defaults.crop_scale:g}, as at inference)",
+        default=d.crop_scale,
+        help=f"crop side / side of the clip's union face box, as at inference (default: {d.crop_scale:g})",
     )
     parser.add_argument(
         "--min-face",
         type=float,
-        default=defaults.min_face,
-        help=f"reject clips whose median face is smaller, in source pixels (default {defaults.min_face:g})",
+        default=d.min_face,
+        help=f"reject clips whose median face is smaller, in source pixels (default: {d.min_face:g})",
     )
     parser.add_argument(
         "--max-jump",
         type=float,
-        default=defaults.max_jump,
-        help="reject clips whose face box moves/resizes more than this many face sizes in one frame",
+        default=d.max_jump,
+        help=f"reject clips whose face box moves/resizes more than this many face sizes in one frame "
+        f"(default: {d.max_jump:g})",
     )
     parser.add_argument(
         "--max-bad-frames",
         type=float,
-        default=defaults.max_bad_frame_fraction,
-        help="fraction of a clip's frames allowed without a face (and, separately, with two)",
+        default=d.max_bad_frame_fraction,
+        help="fraction of a clip's frames allowed without a face (and, separately, with two) "
+        f"(default: {d.max_bad_frame_fraction:g})",
     )
     parser.add_argument(
         "--scene-threshold",
         type=float,
-        default=defaults.scene_threshold,
-        help="histogram distance (0-1) between consecutive frames that counts as a scene cut",
+        default=d.scene_threshold,
+        help=f"histogram distance (0-1) between consecutive frames that counts as a scene cut "
+        f"(default: {d.scene_threshold:g})",
     )
-    parser.add_argument("--crf", type=int, default=defaults.crf, help="H.264 quality of the clip videos")
+    parser.add_argument(
+        "--crf", type=int, default=d.crf, help=f"H.264 quality of the clip videos, lower is better (default: {d.crf})"
+    )
     parser.add_argument(
         "--speed-buckets",
         type=int,
-        default=defaults.speed_buckets,
-        help="number of speed buckets to suggest in speed_buckets.yaml",
+        default=d.speed_buckets,
+        help=f"number of speed buckets to suggest in speed_buckets.yaml (default: {d.speed_buckets})",
     )
     parser.add_argument(
         "--frame-cache-mb",
         type=float,
-        default=defaults.frame_cache_mb,
-        help="decoded frames kept per process; beyond it frames are decoded twice",
+        default=d.frame_cache_mb,
+        help=f"decoded frames kept per process; beyond it frames are decoded twice (default: {d.frame_cache_mb:g})",
     )
-    parser.add_argument("--device", default=defaults.device, help="device for wav2vec2 (cpu, cuda, ...)")
+    parser.add_argument(
+        "--device", default=d.device, help=f"device for wav2vec2: cpu, cuda, cuda:1, ... (default: {d.device})"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every rejected clip")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Quieten the C++ logging of mediapipe/TFLite (some of its absl warnings still reach stderr).
-    os.environ.setdefault("GLOG_minloglevel", "2")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # mediapipe/TFLite/absl start-up lines are kept off stderr where the graphs start (emo_pipeline._native_log);
+    # GLOG_minloglevel / TF_CPP_MIN_LOG_LEVEL have no effect on mediapipe 0.10.21.
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")

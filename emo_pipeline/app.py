@@ -1,0 +1,334 @@
+"""emo-app: a web page (Gradio Blocks) to animate a portrait with speech or singing, clip by clip.
+
+    pip install -e ".[app]"
+    emo-app --model path/or/hub-id            # http://127.0.0.1:7860
+    emo-app                                   # the tiny random demo pipeline (the video is noise)
+
+The page takes a portrait (upload or webcam) and audio (upload or microphone), the main settings, and shows a
+progress bar over clips and steps, each clip as soon as it is decoded, then the whole mp4 to watch and download.
+One pipeline is loaded per process and jobs wait in a queue, one running at a time. Bad input is shown
+on the page as the `EMOInputError` text; a stopped job leaves no file. Every video carries the invisible
+watermark and the AI-generated tag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from emo_pipeline.cli._common import DTYPES, SCHEDULER_NAMES, demo_defaults, load_pipeline, preflight
+from emo_pipeline.errors import EMOInputError
+
+__all__ = ["PipelineHolder", "build_demo", "generate", "main"]
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+MODEL_DEFAULT_SCHEDULER = "model default"
+
+DEMO_MARKDOWN = (
+    "⚠️ **No model given: this page runs a tiny pipeline with RANDOM weights.** It exercises the whole path (face "
+    "crop, audio features, clip chaining, decoding, mp4), but **the video will be NOISE**. Start `emo-app --model "
+    "<EMOPipeline folder or Hub id>`, or enter one in the Model box, for real results."
+)
+
+NOTICE_MARKDOWN = (
+    "**Responsible use.** Animate only people who gave their consent, and say that the video is synthetic. "
+    "Every frame carries an invisible watermark and the mp4 is tagged *AI-generated* "
+    "(check a file with `emo-watermark detect FILE`). Do not use this for impersonation or fraud."
+)
+
+
+class PipelineHolder:
+    """The one pipeline of this process, loaded on first use and replaced when another model is asked for."""
+
+    def __init__(self, model: str | None = None, device: str | None = None, dtype: str = "fp32"):
+        self.model, self.device, self.dtype = model, device, dtype
+        self.pipe: Any = None
+        self.loaded_model: str | None = None
+        self.lock = threading.Lock()
+
+    def get(self, model: str | None) -> Any:
+        """The pipeline for `model` (None or "": the tiny demo pipeline), loading it if it is not the loaded one."""
+        model = (model or "").strip() or None
+        with self.lock:
+            if self.pipe is None or model != self.loaded_model:
+                self.pipe = None  # free the old one before loading the next
+                self.pipe = load_pipeline(model, device=self.device, dtype=self.dtype)
+                self.loaded_model = model
+                self.default_scheduler = self.pipe.scheduler
+            return self.pipe
+
+
+def _write_clip_preview(path: Path, frames: Any, audio: Any, fps: float, first_frame: int) -> None:
+    """One clip as a small mp4 with its stretch of the audio, for the page to show while the rest is generated."""
+    from emo_pipeline.media import VideoWriter
+
+    start = round(first_frame * SAMPLE_RATE / fps)
+    stop = round((first_frame + len(frames)) * SAMPLE_RATE / fps)
+    with VideoWriter(path, fps=fps, audio=audio[start:stop], sample_rate=SAMPLE_RATE, preset="veryfast") as writer:
+        writer.write(frames)
+
+
+def generate(
+    holder: PipelineHolder,
+    workdir: Path,
+    image: str | None,
+    audio: str | None,
+    model: str | None,
+    steps: int,
+    guidance_scale: float,
+    seed: int,
+    size: int,
+    speed: float,
+    scheduler: str,
+    progress: Any = None,
+) -> Iterator[tuple[str | None, str | None, str | None, str]]:
+    """Generate one video; yields `(latest clip mp4, final mp4, final mp4 for download, status text)` after every
+    clip and once at the end. Raises `EMOInputError` for bad input (the page shows it). If the caller stops the
+    iteration (the Stop button), nothing is left in `workdir`."""
+    import torch
+
+    from emo_pipeline.media import VideoWriter
+    from emo_pipeline.watermark import AI_GENERATED_METADATA
+
+    if not image:
+        raise EMOInputError("no portrait given: upload a photo of one face (or take one with the webcam)")
+    if not audio:
+        raise EMOInputError("no audio given: upload speech or singing (or record it with the microphone)")
+    steps, size, seed = int(steps), int(size), int(seed)
+    speed_value = float(speed) if speed else None
+    fps = 25.0
+    preflight(image, audio, None, size=size, fps=fps)  # before any model is loaded
+    pipe = holder.get(model)
+    pipe.scheduler = holder.default_scheduler
+    if scheduler and scheduler != MODEL_DEFAULT_SCHEDULER:
+        pipe.set_scheduler(scheduler)
+
+    def on_step(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
+        if progress is not None:
+            num_clips = pipe.last_plan.num_clips
+            done = pipe.clip_index * steps + step + 1
+            progress(
+                (done, num_clips * steps), desc=f"clip {pipe.clip_index + 1}/{num_clips}, step {step + 1}/{steps}"
+            )
+        return {}
+
+    job = Path(tempfile.mkdtemp(prefix="job-", dir=workdir))
+    completed = False
+    try:
+        clips = pipe.iter_clips(
+            image,
+            audio,
+            height=size,
+            width=size,
+            fps=fps,
+            num_inference_steps=steps,
+            guidance_scale=float(guidance_scale),
+            speed=speed_value,
+            generator=torch.Generator().manual_seed(seed),
+            callback_on_step_end=on_step,
+        )
+        plan = pipe.last_plan
+        final = job / "emo.mp4"
+        preview = None
+        written = 0
+        with VideoWriter(
+            final, fps=fps, audio=plan.audio, sample_rate=SAMPLE_RATE, metadata=AI_GENERATED_METADATA
+        ) as writer:
+            for index, frames in enumerate(clips):
+                writer.write(frames)
+                preview = job / f"clip-{index + 1:04d}.mp4"
+                _write_clip_preview(preview, frames, plan.audio, fps, written)
+                written += len(frames)
+                yield str(preview), None, None, f"Clip {index + 1} of {plan.num_clips} done ({written} frames)."
+        completed = True
+        status = (
+            f"Done: {plan.num_frames} frames, {plan.num_frames / fps:.2f} s at {fps:g} fps, {plan.num_clips} clips. "
+            "The video carries an invisible watermark and an AI-generated tag."
+        )
+        if holder.loaded_model is None:
+            status += " Random demo weights: the video is noise."
+        yield str(preview), str(final), str(final), status
+    finally:
+        # Gradio has copied what it shows into its own cache by now; a stopped job leaves nothing behind.
+        shutil.rmtree(job, ignore_errors=True)
+        if not completed:
+            logger.info("job did not finish (stopped or failed): its files were removed")
+
+
+def _user_paths(message: str, *uploads: str | None) -> str:
+    """Name uploads by their file names, as the user knows them, not by Gradio's cache paths."""
+    for upload in uploads:
+        if upload:
+            message = message.replace(str(upload), Path(upload).name)
+    return message
+
+
+def build_demo(
+    model: str | None = None,
+    device: str | None = None,
+    dtype: str = "fp32",
+    workdir: str | Path | None = None,
+    model_editable: bool = True,
+) -> Any:
+    """The Gradio Blocks page. `model`: the EMOPipeline folder or Hub id shown (and loaded) by default; None for
+    the tiny random demo pipeline. `workdir`: where jobs write (default: a new temporary folder).
+    `model_editable`: whether visitors may pick another model (a folder of the server or any Hub id)."""
+    import gradio as gr
+
+    holder = PipelineHolder(model, device, dtype)
+    work = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="emo-app-"))
+    work.mkdir(parents=True, exist_ok=True)
+    defaults = demo_defaults(model is None)
+
+    def run(image, audio, model_id, steps, guidance_scale, seed, size, speed, scheduler, progress=gr.Progress()):  # noqa: B008
+        # Hand Gradio the running generator at once: Stop closes the generator Gradio holds, and Gradio holds it
+        # only after its first value. Without this, Stop during the first clip would orphan the job.
+        yield None, None, None, "Checking the inputs…"
+        try:
+            yield from generate(
+                holder,
+                work,
+                image,
+                audio,
+                model_id if model_editable else model,
+                steps,
+                guidance_scale,
+                seed,
+                size,
+                speed,
+                scheduler,
+                progress,
+            )
+        except EMOInputError as error:
+            raise gr.Error(_user_paths(str(error), image, audio), duration=None, print_exception=False) from None
+        except Exception as error:  # noqa: BLE001 - shown on the page; the traceback stays in the server log
+            logger.exception("generation failed")
+            message = _user_paths(f"generation failed: {type(error).__name__}: {error}", image, audio)
+            raise gr.Error(message, duration=None, print_exception=False) from None
+
+    # No usage reports or version checks (calls to Gradio's servers) unless GRADIO_ANALYTICS_ENABLED=True.
+    analytics = os.environ.get("GRADIO_ANALYTICS_ENABLED", "False").lower() == "true"
+    with gr.Blocks(title="EMO talking head", delete_cache=(3600, 3600), analytics_enabled=analytics) as demo:
+        gr.Markdown(
+            "# EMO: portrait + audio → talking-head video\n"
+            "Upload a portrait with one face and speech or singing; the video follows the audio's length and "
+            "appears clip by clip."
+        )
+        if model is None:
+            gr.Markdown(DEMO_MARKDOWN, elem_id="demo-notice")
+        gr.Markdown(NOTICE_MARKDOWN, elem_id="notice")
+        with gr.Row():
+            with gr.Column():
+                image = gr.Image(
+                    label="Portrait", sources=["upload", "webcam"], type="filepath", elem_id="portrait", height=260
+                )
+                audio = gr.Audio(
+                    label="Speech or singing", sources=["upload", "microphone"], type="filepath", elem_id="audio"
+                )
+                model_box = gr.Textbox(
+                    label="Model (EMOPipeline folder or Hub id; empty = tiny random demo model)",
+                    value=model or "",
+                    elem_id="model",
+                    interactive=model_editable,
+                )
+                with gr.Accordion("Settings", open=False):
+                    steps = gr.Slider(1, 100, value=defaults["steps"], step=1, label="Denoising steps per clip")
+                    guidance = gr.Slider(0, 10, value=3.5, step=0.1, label="Audio guidance (<= 1: off)")
+                    seed = gr.Number(value=0, precision=0, label="Seed")
+                    size = gr.Slider(64, 1024, value=defaults["size"], step=64, label="Size (px, square)")
+                    speed = gr.Number(value=0, label="Head speed, rad/s (0: no speed conditioning)")
+                    scheduler = gr.Dropdown(
+                        [MODEL_DEFAULT_SCHEDULER, *SCHEDULER_NAMES], value=MODEL_DEFAULT_SCHEDULER, label="Sampler"
+                    )
+                with gr.Row():
+                    start = gr.Button("Generate", variant="primary", elem_id="generate")
+                    stop = gr.Button("Stop", elem_id="stop")
+            with gr.Column():
+                status = gr.Markdown("", elem_id="status")
+                latest = gr.Video(label="Latest clip", autoplay=True, elem_id="latest", height=260)
+                final = gr.Video(label="Video", elem_id="final", height=260)
+                download = gr.File(label="Download mp4", elem_id="download")
+        event = start.click(
+            run,
+            [image, audio, model_box, steps, guidance, seed, size, speed, scheduler],
+            [latest, final, download, status],
+            # One job at a time: the one pipeline keeps per-run state (last_plan, clip_index); others queue.
+            concurrency_limit=1,
+        )
+        stop.click(None, cancels=[event])
+    demo.emo_holder = holder  # for tests and callers that want the loaded pipeline
+    demo.emo_workdir = work
+    return demo
+
+
+def app_theme() -> Any:
+    """Gradio's default look with system fonts: the default theme makes every visitor's browser fetch its fonts
+    from an outside server."""
+    import gradio as gr
+
+    return gr.themes.Default(
+        font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="emo-app",
+        description="A web page for EMO: portrait + audio -> talking-head video (Gradio; pip install '.[app]').",
+        epilog="example:\n  emo-app --model path/or/hub-id --port 7860\n\nexit codes: 0 stopped, 2 bad arguments",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", help="EMOPipeline folder or Hub id (default: the tiny random demo pipeline)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1, this machine)")
+    parser.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    parser.add_argument("--share", action="store_true", help="also make a public gradio.live link (default: off)")
+    parser.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights' precision (default: fp32)")
+    parser.add_argument(
+        "--no-preload", action="store_true", help="load the model on the first job, not at start (default: at start)"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `emo-app` until interrupted."""
+    args = build_parser().parse_args(argv)
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        print("error: emo-app needs Gradio: pip install 'emo-pipeline[app]'", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up requests
+    # Only a page served to this machine alone lets its visitor load another model (any folder of the server).
+    private = args.host in ("127.0.0.1", "localhost", "::1") and not args.share
+    demo = build_demo(args.model, args.device, args.dtype, model_editable=private)
+    if not args.no_preload:
+        try:
+            demo.emo_holder.get(args.model)
+        except EMOInputError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+    demo.queue(default_concurrency_limit=1).launch(
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
+        allowed_paths=[str(demo.emo_workdir)],
+        show_error=True,
+        theme=app_theme(),
+    )
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
