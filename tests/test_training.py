@@ -190,34 +190,38 @@ def test_overfitting_one_clip_drives_the_loss_down(base_pipeline, preprocessed_d
     assert end < 0.5 * start, (start, end)  # a clear fall, not noise: seen ~1.0 -> ~0.2
 
 
-def test_interrupted_run_resumes_to_the_same_weights_and_skips_a_truncated_checkpoint(
+def test_run_interrupted_mid_epoch_resumes_to_the_same_weights_and_skips_a_truncated_checkpoint(
     base_pipeline, preprocessed_dataset, tmp_path, monkeypatch, caplog
 ):
-    import emo_pipeline.training as training
+    import emo_pipeline.training.loop as training
+    from emo_pipeline.data import TalkingHeadDataset
 
     dataset = preprocessed_dataset[0]
-    args = ["stage=2", "use_ema=true", "ema_decay=0.9"] + overrides(base_pipeline, dataset, None, 2, steps=6)
+    crash_step, steps = 2, 6
+    per_epoch = len(TalkingHeadDataset(dataset, stage=2, num_frames=4, num_motion_frames=2))
+    assert crash_step % per_epoch and steps > per_epoch  # stops mid-epoch; the resumed run crosses an epoch
+    args = ["stage=2", "use_ema=true", "ema_decay=0.9"] + overrides(base_pipeline, dataset, None, 2, steps=steps)
     uninterrupted = train_in_process([a.replace("output_dir=None", f"output_dir={tmp_path / 'a'}") for a in args])
-    assert uninterrupted.global_step == 6
+    assert uninterrupted.global_step == steps
 
     save = training.save_checkpoint
 
-    def crash_after_step_4(accelerator, output_dir, step, *a, **k):
+    def crash_after_a_checkpoint(accelerator, output_dir, step, *a, **k):
         folder = save(accelerator, output_dir, step, *a, **k)
-        if step == 4:
+        if step == crash_step:
             raise KeyboardInterrupt  # the process dies right after a checkpoint
         return folder
 
     run_b = [a.replace("output_dir=None", f"output_dir={tmp_path / 'b'}") for a in args]
-    monkeypatch.setattr(training, "save_checkpoint", crash_after_step_4)
+    monkeypatch.setattr(training, "save_checkpoint", crash_after_a_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         train_in_process(run_b)
     monkeypatch.setattr(training, "save_checkpoint", save)
     checkpoints = tmp_path / "b" / "checkpoints"
-    assert (checkpoints / "latest").read_text().strip() == "step-4"
+    assert (checkpoints / "latest").read_text().strip() == f"step-{crash_step}"
     # a newer checkpoint truncated by a crash mid-copy must be skipped, not loaded
-    shutil.copytree(checkpoints / "step-4", checkpoints / "step-5")
-    model_file = next((checkpoints / "step-5").glob("model*.safetensors"))
+    shutil.copytree(checkpoints / f"step-{crash_step}", checkpoints / f"step-{crash_step + 1}")
+    model_file = next((checkpoints / f"step-{crash_step + 1}").glob("model*.safetensors"))
     model_file.write_bytes(model_file.read_bytes()[:1000])
 
     from accelerate.state import AcceleratorState
@@ -225,10 +229,10 @@ def test_interrupted_run_resumes_to_the_same_weights_and_skips_a_truncated_check
     AcceleratorState._reset_state(reset_partial_state=True)
     with caplog.at_level("WARNING", logger="emo_pipeline.training"):
         resumed = train_in_process(run_b + ["resume_from_checkpoint=latest"])
-    assert resumed.resumed_from == checkpoints / "step-4"
-    assert "skipping incomplete or truncated checkpoint" in caplog.text and "step-5" in caplog.text
-    assert resumed.global_step == 6 and len(resumed.losses) == 2
-    np.testing.assert_allclose(resumed.losses, uninterrupted.losses[4:], rtol=1e-6)
+    assert resumed.resumed_from == checkpoints / f"step-{crash_step}"
+    assert "skipping incomplete or truncated checkpoint" in caplog.text and f"step-{crash_step + 1}" in caplog.text
+    assert resumed.global_step == steps and len(resumed.losses) == steps - crash_step
+    np.testing.assert_allclose(resumed.losses, uninterrupted.losses[crash_step:], rtol=1e-6)
     a, b = weights(tmp_path / "a" / "pipeline"), weights(tmp_path / "b" / "pipeline")
     for name in a:  # tolerance: bit-identical expected on CPU; allow float32 reduction-order noise
         assert torch.allclose(a[name], b[name], atol=1e-7, rtol=1e-6), name
