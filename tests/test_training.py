@@ -336,26 +336,44 @@ def test_exported_pipeline_generates_and_its_card_lists_the_stage(base_pipeline,
     assert "| 1 | 1 |" in card.text and "face_locator, reference_net, spatial" in card.text  # the stage table row
 
 
-def test_periodic_validation_writes_videos_with_the_current_weights(base_pipeline, preprocessed_dataset, tmp_path):
+def test_validation_samples_with_the_trained_schedule_and_changes_with_the_weights(
+    base_pipeline, preprocessed_dataset, tmp_path, monkeypatch
+):
+    from emo_pipeline.media import read_video_frames, read_video_info
     from emo_pipeline.testing import demo_assets
 
+    sampled_with = []
+    write_video = EMOPipeline.write_video
+
+    def recording_write_video(self, *args, **kwargs):
+        sampled_with.append(dict(self.scheduler.config))
+        return write_video(self, *args, **kwargs)
+
+    monkeypatch.setattr(EMOPipeline, "write_video", recording_write_video)
     portrait, speech = demo_assets()
     extra = {
         "validation.steps": 1,
         "validation.images": f"[{portrait}]",
         "validation.audios": f"[{speech}]",
-        "validation.num_inference_steps": 1,
+        "validation.num_inference_steps": 2,
         "validation.max_seconds": 0.5,
         "data.size": 64,
-        "export": False,
+        "prediction_type": "v_prediction",  # the SD1.5-like base pipeline samples epsilon with leading timesteps
+        "zero_terminal_snr": "true",
+        "optim.learning_rate": 1e-3,  # one step must show in an 8-bit video
+        "checkpointing_steps": 0,
     }
     train_in_process(["stage=2"] + overrides(base_pipeline, preprocessed_dataset[0], tmp_path, 2, steps=2, **extra))
-    for step in (1, 2):
-        video = tmp_path / "validation" / f"step-{step}" / "sample-0.mp4"
-        assert video.is_file() and video.stat().st_size > 0
-    from emo_pipeline.media import read_video_info
-
-    assert read_video_info(tmp_path / "validation" / "step-2" / "sample-0.mp4").num_frames == 13  # 0.5 s at 25 fps
+    videos = [tmp_path / "validation" / f"step-{step}" / "sample-0.mp4" for step in (1, 2)]
+    assert read_video_info(videos[1]).num_frames == 13  # 0.5 s at 25 fps
+    first, second = (read_video_frames(v).astype(np.float32) for v in videos)
+    # seen 7.7 grey levels; 0.06 when validation kept the first step's weights (video coding noise)
+    assert np.abs(first - second).mean() > 1.0, "validation did not sample with the weights of its step"
+    exported = EMOPipeline.from_pretrained(tmp_path / "pipeline").scheduler.config
+    for config in [*sampled_with, exported]:  # validation and the export sample as training noised
+        assert config["prediction_type"] == "v_prediction" and config["rescale_betas_zero_snr"]
+        assert config["timestep_spacing"] == "trailing"
+    assert len(sampled_with) == 2
 
 
 def test_bad_pretrained_or_data_exits_2_naming_the_input(tmp_path, capsys):
@@ -386,6 +404,79 @@ def test_config_includes_overrides_and_errors(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(EMOInputError, match="LoRA"):
         load_config(tmp_path / "train.yaml", ["lora.rank=4", "data.root=d"])
+    for bad in (["prediction_type=epsilon", "zero_terminal_snr=true", "snr_gamma=5"], ["snr_gamma=0"]):
+        with pytest.raises(EMOInputError, match="snr_gamma"):  # each message names the fields and the fix
+            load_config(tmp_path / "train.yaml", ["data.root=d", *bad])
+    with pytest.raises(EMOInputError, match="zero_terminal_snr.*prediction_type: v_prediction"):
+        load_config(tmp_path / "train.yaml", ["data.root=d", "prediction_type=epsilon", "zero_terminal_snr=true"])
     for stage in (1, 2, 3):  # the shipped configs parse and name the paper's groups
         shipped = load_config(REPO / f"configs/train/stage{stage}.yaml", ["pretrained=p", "data.root=d"])
         assert sorted(shipped.trainable) == sorted(STAGE_GROUPS[stage])
+
+
+def test_zero_terminal_snr_on_an_epsilon_pipeline_is_refused_before_training(base_pipeline, tmp_path):
+    with pytest.raises(EMOInputError, match="zero_terminal_snr.*v_prediction"):  # epsilon comes from the pipeline
+        train_in_process(
+            [f"pretrained={base_pipeline}", f"output_dir={tmp_path}", f"data.root={tmp_path}", "report_to=none"]
+            + ["zero_terminal_snr=true"]
+        )
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_enable_xformers_without_xformers_fails_before_loading_anything(tmp_path, monkeypatch):
+    import diffusers.utils
+
+    monkeypatch.setattr(diffusers.utils, "is_xformers_available", lambda: False)
+    missing = tmp_path / "missing"  # never loaded: the check comes first
+    with pytest.raises(EMOInputError, match="enable_xformers: true needs xformers"):
+        train_in_process(
+            [f"pretrained={missing}", f"output_dir={tmp_path}", f"data.root={missing}", "report_to=none"]
+            + ["enable_xformers=true"]
+        )
+
+
+def test_enable_xformers_switches_both_networks(monkeypatch):
+    from emo_pipeline.models.backbone import EMOUNet3DConditionModel
+    from emo_pipeline.models.reference_net import ReferenceNet
+    from emo_pipeline.training.setup import prepare_models
+
+    switched = []
+    for cls in (EMOUNet3DConditionModel, ReferenceNet):
+        monkeypatch.setattr(
+            cls, "enable_xformers_memory_efficient_attention", lambda self: switched.append(type(self))
+        )
+    config = load_config(None, ["pretrained=p", "output_dir=o", "data.root=d", "enable_xformers=true"])
+    prepare_models(tiny_emo_pipeline(), config)
+    assert sorted(c.__name__ for c in switched) == ["EMOUNet3DConditionModel", "ReferenceNet"]
+
+
+def test_conditions_encode_like_the_pipeline_and_only_targets_sample_the_posterior():
+    from emo_pipeline.training.inputs import batch_inputs
+
+    pipe = tiny_emo_pipeline()
+    config = load_config(
+        None,
+        ["stage=2", "pretrained=p", "output_dir=o", "data.root=d", "trainable=[temporal]"]
+        + ["dropout.reference=0", "dropout.motion=0", "dropout.audio=0"],
+    )
+    pixels = torch.rand(1, 4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    window, layers, dim = pipe.unet.audio_proj.expected_feature_shape
+    batch = {
+        "reference": pixels[:, 0],
+        "motion_frames": pixels[:, 1:2],
+        "frames": pixels[:, 2:],
+        "audio_features": torch.zeros(1, 2, window, layers, dim),
+        "face_mask": torch.ones(1, 1, 32, 32),
+    }
+    draws = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        draws.append(batch_inputs(batch, pipe.vae, pipe.unet, config, torch.float32))
+
+    def mode(images):  # how EMOPipeline encodes the portrait (and its motion frames are latents, not samples)
+        return pipe.vae.encode(images).latent_dist.mode() * pipe.vae.config.scaling_factor
+
+    for inputs in draws:
+        torch.testing.assert_close(inputs["reference_latents"], mode(pixels[:, 0]), rtol=0, atol=0)
+        torch.testing.assert_close(inputs["motion_latents"], mode(pixels[0, 1:2])[None], rtol=0, atol=0)
+    assert (draws[0]["latents"] - draws[1]["latents"]).abs().max() > 1e-3  # targets: a posterior sample each time
