@@ -54,7 +54,9 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def overrides(base, dataset, output, stage, steps=2, **extra):
+def overrides(base, dataset, output, stage, steps=2, shipped_precision=False, **extra):
+    """Dotlist overrides for a tiny run; `shipped_precision` keeps the config file's mixed precision and gradient
+    checkpointing (bf16 and on in every shipped stage config) instead of fp32 without checkpointing."""
     values = {
         "pretrained": base,
         "output_dir": output,
@@ -71,6 +73,8 @@ def overrides(base, dataset, output, stage, steps=2, **extra):
         "trainable": "[" + ",".join(STAGE_GROUPS[stage]) + "]",
         **extra,
     }
+    if shipped_precision:
+        del values["mixed_precision"], values["gradient_checkpointing"]
     return [f"{k}={v}" for k, v in values.items()]
 
 
@@ -106,10 +110,13 @@ def run_script(command, cwd=REPO):
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_each_stage_through_accelerate_launch_trains_exactly_its_groups(
+def test_each_stage_through_accelerate_launch_with_its_shipped_precision_trains_exactly_its_groups(
     stage, base_pipeline, preprocessed_dataset, motion_adapter_dir, tmp_path
 ):
+    """The shipped config's own bf16 autocast (accelerate runs it on CPU too) and gradient checkpointing."""
     dataset = preprocessed_dataset[0]
+    shipped = load_config(REPO / f"configs/train/stage{stage}.yaml", ["pretrained=p", "data.root=d"])
+    assert shipped.mixed_precision == "bf16" and shipped.gradient_checkpointing
     adapter = {"motion_adapter": motion_adapter_dir} if stage == 2 else {}  # stage 2 starts from AnimateDiff
     command = [
         sys.executable,
@@ -121,16 +128,16 @@ def test_each_stage_through_accelerate_launch_trains_exactly_its_groups(
         "--num_machines",
         "1",
         "--mixed_precision",
-        "no",
+        "bf16",
         "--dynamo_backend",
         "no",
         "training/train.py",
         "--config",
         f"configs/train/stage{stage}.yaml",
-        *overrides(base_pipeline, dataset, tmp_path, stage, **adapter),
+        *overrides(base_pipeline, dataset, tmp_path, stage, shipped_precision=True, **adapter),
     ]
     out = run_script(command)
-    assert "done: 2 steps on 1 process(es)" in out
+    assert "done: 2 steps on 1 process(es), mixed precision bf16" in out
     assert_only_groups_changed(weights(base_pipeline), weights(tmp_path / "pipeline"), STAGE_GROUPS[stage])
     exported = EMOPipeline.from_pretrained(tmp_path / "pipeline")
     stages = exported.emo_metadata["training"]["stages"]

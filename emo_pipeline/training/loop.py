@@ -33,6 +33,7 @@ class TrainResult:
     export_dir: Path | None = None
     lora_dir: Path | None = None
     resumed_from: Path | None = None
+    mixed_precision: str = "no"  # what accelerate ran: no | fp16 | bf16
 
 
 @dataclass
@@ -66,7 +67,12 @@ def train(config: TrainConfig) -> TrainResult:
         accelerator.init_trackers("emo-train", config=_flat_config(config))
     global_step, losses = _train_epochs(run, global_step)
     result = TrainResult(
-        global_step, accelerator.num_processes, accelerator.is_main_process, losses, resumed_from=resumed_from
+        global_step,
+        accelerator.num_processes,
+        accelerator.is_main_process,
+        losses,
+        resumed_from=resumed_from,
+        mixed_precision=str(accelerator.mixed_precision),
     )
     accelerator.wait_for_everyone()
     _save_results(run, result)
