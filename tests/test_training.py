@@ -163,6 +163,22 @@ def test_each_stage_as_two_cpu_processes(stage, base_pipeline, preprocessed_data
     assert_only_groups_changed(weights(base_pipeline), weights(tmp_path / "pipeline"), STAGE_GROUPS[stage])
 
 
+def test_fsdp_sharded_weights_are_gathered_by_every_process_for_validation_and_export():
+    """accelerate enters FSDP only with a GPU, so this runs torch's FSDP2 on two CPU processes (gloo) directly, with
+    accelerate's own FSDP2 `get_state_dict`: see tests/distributed/fsdp_trained_weights.py."""
+    out = run_script(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "tests/distributed/fsdp_trained_weights.py",
+        ]
+    )
+    assert "rank 0: ok" in out and "rank 1: ok" in out
+
+
 # ------------------------------------------------------------------------------------------------ in-process
 
 

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from emo_pipeline.config import TrainConfig
 from emo_pipeline.errors import EMOInputError
 from emo_pipeline.training.checkpoints import resume, save_checkpoint
-from emo_pipeline.training.export import export_pipeline, save_lora, trained_weights, validate
+from emo_pipeline.training.export import export_pipeline, is_sharded, save_lora, trained_weights, validate
 from emo_pipeline.training.inputs import batch_inputs
 from emo_pipeline.training.module import EMOTrainingModule
 from emo_pipeline.training.schedule import sampling_scheduler, training_scheduler
@@ -117,6 +117,12 @@ def _build(config: TrainConfig, accelerator) -> _Run:
     """Pipeline, models, data, optimizer, EMA: everything `accelerator.prepare` needs, prepared."""
     from diffusers.training_utils import EMAModel
 
+    if config.use_ema and is_sharded(accelerator):
+        raise EMOInputError(
+            "use_ema: true is not supported with FSDP or DeepSpeed ZeRO-3: each process holds a shard of the weights "
+            "and checkpoints keep the main process's EMA copy only; use DDP or ZeRO-2 "
+            "(training/accelerate_multi_gpu.yaml, training/accelerate_deepspeed_zero2.yaml) or use_ema: false"
+        )
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     pipe = _load_pretrained(config)
     noise_scheduler = training_scheduler(pipe.scheduler, config)
