@@ -89,6 +89,7 @@ def _full_copy(sharded, state: dict[str, torch.Tensor]):
     """A plain (unsharded) `EMOTrainingModule` like `sharded`, holding `state`."""
     from emo_pipeline.training.module import EMOTrainingModule
 
+    # from_config on an FSDP<Class> builds a plain <Class> (FSDPModule.__new__), so the export names the real class
     reference_net = type(sharded.reference_net).from_config(sharded.reference_net.config)
     unet = type(sharded.unet).from_config(sharded.unet.config)
     if getattr(sharded.unet, "peft_config", None):

@@ -22,6 +22,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from emo_pipeline.config import load_config
+from emo_pipeline.models.backbone import EMOUNet3DConditionModel
+from emo_pipeline.models.reference_net import ReferenceNet
 from emo_pipeline.testing import tiny_emo_pipeline
 from emo_pipeline.training.export import trained_weights
 from emo_pipeline.training.module import EMOTrainingModule
@@ -52,6 +54,8 @@ def main() -> int:
     for module in model.modules():
         if isinstance(module, BasicTransformerBlock):
             fully_shard(module, mesh=mesh)
+    fully_shard(model.reference_net, mesh=mesh)  # a wrapped model's class becomes FSDP<Class>
+    fully_shard(model.unet, mesh=mesh)
     fully_shard(model, mesh=mesh)
     parameters = [p for p in model.parameters() if p.requires_grad]
     assert all(p.to_local().numel() < p.numel() for p in parameters[:4]), "not sharded"
@@ -67,6 +71,8 @@ def main() -> int:
             for name, value in full.items():
                 assert torch.equal(state[name], value), name
             assert not any(hasattr(p, "to_local") for p in trained.parameters())  # a plain module
+            # of the model classes themselves: save_pretrained writes the class name into the exported configs
+            assert type(trained.unet) is EMOUNet3DConditionModel and type(trained.reference_net) is ReferenceNet
             image = torch.zeros(64, 64, 3, dtype=torch.uint8) + 120
             pipe.reference_net, pipe.unet = trained.reference_net, trained.unet
             pipe.set_progress_bar_config(disable=True)
