@@ -141,9 +141,19 @@ def _build(config: TrainConfig, accelerator) -> _Run:
     if ema is not None:
         ema.to(accelerator.device)
     return _Run(
-        config, accelerator, pipe, model, optimizer, lr_scheduler, dataset, dataloader, parameters, sorted(groups),
-        weight_dtype, ema,
-    )  # fmt: skip
+        config=config,
+        accelerator=accelerator,
+        pipe=pipe,
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        dataset=dataset,
+        dataloader=dataloader,
+        parameters=parameters,
+        groups=sorted(groups),
+        weight_dtype=weight_dtype,
+        ema=ema,
+    )
 
 
 def _train_epochs(run: _Run, global_step: int) -> tuple[int, list[float]]:
