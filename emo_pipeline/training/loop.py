@@ -129,14 +129,16 @@ def _build(config: TrainConfig, accelerator) -> _Run:
     pipe.scheduler = sampling_scheduler(pipe.scheduler, config)  # validation and export sample as training noised
     reference_net, unet, groups = prepare_models(pipe, config)
     dataset, dataloader = make_dataloader(config, unet.audio_proj.config.window_size // 2, accelerator.num_processes)
-    optimizer, lr_scheduler = make_optimizer(
-        config, [p for group in groups.values() for p in group], accelerator.num_processes
-    )
+    trainable = [p for group in groups.values() for p in group]
+    optimizer, lr_scheduler = make_optimizer(config, trainable, accelerator.num_processes)
     model = EMOTrainingModule(reference_net, unet, noise_scheduler, config)
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    trainable_names = [name_of[id(p)] for p in trainable]  # group order: the order of EMA's saved shadow weights
     model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
     pipe.vae.to(accelerator.device, dtype=weight_dtype)
-    # After prepare: FSDP replaces parameters by sharded ones, and EMA and gradient clipping must see those.
-    parameters = [p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad]
+    # After prepare: FSDP replaces parameters by sharded ones (same names); EMA and gradient clipping need those.
+    prepared = dict(accelerator.unwrap_model(model).named_parameters())
+    parameters = [prepared[name] for name in trainable_names]
     ema = EMAModel(parameters, decay=config.ema_decay) if config.use_ema else None
     if ema is not None:
         ema.to(accelerator.device)
