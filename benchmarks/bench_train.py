@@ -28,7 +28,8 @@ def run_once(args: argparse.Namespace, stage: int, checkpointing: bool) -> dict:
 
     from emo_pipeline.config import TrainConfig
     from emo_pipeline.testing import sd15_shaped_pipeline, tiny_emo_pipeline
-    from emo_pipeline.training import EMOTrainingModule, _batch_inputs, select_trainable_parameters
+    from emo_pipeline.training import EMOTrainingModule, select_trainable_parameters
+    from emo_pipeline.training.inputs import batch_inputs
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -60,7 +61,7 @@ def run_once(args: argparse.Namespace, stage: int, checkpointing: bool) -> dict:
         batch["speed"] = torch.rand(1, f, generator=generator)
 
     def step():
-        inputs = _batch_inputs(batch, pipe.vae, pipe.unet, config, torch.float32)
+        inputs = batch_inputs(batch, pipe.vae, pipe.unet, config, torch.float32)
         noise = torch.randn_like(inputs["latents"])
         timesteps = torch.randint(0, 1000, (1,), device=noise.device)
         loss = module(**inputs, noise=noise, timesteps=timesteps)

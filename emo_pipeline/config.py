@@ -22,6 +22,7 @@ __all__ = [
     "OptimConfig",
     "TrainConfig",
     "ValidationConfig",
+    "check_noise_schedule",
     "load_config",
 ]
 
@@ -105,8 +106,12 @@ class TrainConfig:
     # frames, LoRA layers on the speed branch in stage 2. DDP must then look for them (a small cost per step).
     ddp_find_unused_parameters: bool = True
     enable_xformers: bool = False
-    prediction_type: str = "epsilon"  # epsilon | v_prediction
-    zero_terminal_snr: bool = False  # rescale betas to zero terminal SNR (use with v_prediction)
+    # The noise schedule. None keeps the pretrained pipeline's (SD1.5: epsilon, no rescale), so stage 2 continues
+    # what stage 1 trained. What training uses is written into the exported pipeline's scheduler (and validation's).
+    prediction_type: str | None = None  # epsilon | v_prediction
+    # Rescale betas to zero terminal SNR (Lin et al. 2024, arXiv 2305.08891); needs v_prediction. Sampling then
+    # uses "trailing" timesteps, so the first step starts from pure noise as training's last timestep does.
+    zero_terminal_snr: bool | None = None
     snr_gamma: float | None = None  # min-SNR weighting (Hang et al. 2023); 5.0 is the paper's value
     face_loss_weight: float = 0.0  # extra loss weight inside the face mask: weight = 1 + this * mask
     noise_offset: float = 0.0
@@ -156,8 +161,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise EMOInputError(f"trainable: unknown parameter groups {sorted(unknown)}; choose from {PARAMETER_GROUPS}")
     if config.stage not in (1, 2, 3):
         raise EMOInputError(f"stage must be 1, 2 or 3, got {config.stage}")
-    if config.prediction_type not in ("epsilon", "v_prediction"):
-        raise EMOInputError(f"prediction_type must be 'epsilon' or 'v_prediction', got {config.prediction_type!r}")
+    check_noise_schedule(config.prediction_type, config.zero_terminal_snr, config.snr_gamma)
     if ("lora" in config.trainable) != (config.lora.rank > 0):
         raise EMOInputError("LoRA: put 'lora' in trainable exactly when lora.rank > 0")
     return config
+
+
+def check_noise_schedule(prediction_type: str | None, zero_terminal_snr: bool | None, snr_gamma: float | None) -> None:
+    """Reject loss settings that cannot train or sample. None (not decided yet: the pretrained pipeline's value)
+    passes; `train` checks again once the pretrained scheduler has filled it in."""
+    if prediction_type not in (None, "epsilon", "v_prediction"):
+        raise EMOInputError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    if snr_gamma is not None and not snr_gamma > 0:
+        raise EMOInputError(f"snr_gamma must be > 0 (Min-SNR's value is 5.0) or null (no weighting), got {snr_gamma}")
+    if zero_terminal_snr and prediction_type == "epsilon":
+        raise EMOInputError(
+            "zero_terminal_snr: true with prediction_type: epsilon cannot work: at the last timestep the noisy latent "
+            "is pure noise, so the noise is all an epsilon model can predict, the sampler's first x0 estimate divides "
+            "by sqrt(alpha_bar) = 0"
+            + (" and snr_gamma's weight min(SNR, gamma) / SNR is 0 / 0" if snr_gamma else "")
+            + "; set prediction_type: v_prediction (Lin et al. 2024) or zero_terminal_snr: false"
+        )

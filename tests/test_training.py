@@ -54,7 +54,9 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def overrides(base, dataset, output, stage, steps=2, **extra):
+def overrides(base, dataset, output, stage, steps=2, shipped_precision=False, **extra):
+    """Dotlist overrides for a tiny run; `shipped_precision` keeps the config file's mixed precision and gradient
+    checkpointing (bf16 and on in every shipped stage config) instead of fp32 without checkpointing."""
     values = {
         "pretrained": base,
         "output_dir": output,
@@ -71,6 +73,8 @@ def overrides(base, dataset, output, stage, steps=2, **extra):
         "trainable": "[" + ",".join(STAGE_GROUPS[stage]) + "]",
         **extra,
     }
+    if shipped_precision:
+        del values["mixed_precision"], values["gradient_checkpointing"]
     return [f"{k}={v}" for k, v in values.items()]
 
 
@@ -106,10 +110,13 @@ def run_script(command, cwd=REPO):
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_each_stage_through_accelerate_launch_trains_exactly_its_groups(
+def test_each_stage_through_accelerate_launch_with_its_shipped_precision_trains_exactly_its_groups(
     stage, base_pipeline, preprocessed_dataset, motion_adapter_dir, tmp_path
 ):
+    """The shipped config's own bf16 autocast (accelerate runs it on CPU too) and gradient checkpointing."""
     dataset = preprocessed_dataset[0]
+    shipped = load_config(REPO / f"configs/train/stage{stage}.yaml", ["pretrained=p", "data.root=d"])
+    assert shipped.mixed_precision == "bf16" and shipped.gradient_checkpointing
     adapter = {"motion_adapter": motion_adapter_dir} if stage == 2 else {}  # stage 2 starts from AnimateDiff
     command = [
         sys.executable,
@@ -121,16 +128,16 @@ def test_each_stage_through_accelerate_launch_trains_exactly_its_groups(
         "--num_machines",
         "1",
         "--mixed_precision",
-        "no",
+        "bf16",
         "--dynamo_backend",
         "no",
         "training/train.py",
         "--config",
         f"configs/train/stage{stage}.yaml",
-        *overrides(base_pipeline, dataset, tmp_path, stage, **adapter),
+        *overrides(base_pipeline, dataset, tmp_path, stage, shipped_precision=True, **adapter),
     ]
     out = run_script(command)
-    assert "done: 2 steps on 1 process(es)" in out
+    assert "done: 2 steps on 1 process(es), mixed precision bf16" in out
     assert_only_groups_changed(weights(base_pipeline), weights(tmp_path / "pipeline"), STAGE_GROUPS[stage])
     exported = EMOPipeline.from_pretrained(tmp_path / "pipeline")
     stages = exported.emo_metadata["training"]["stages"]
@@ -154,6 +161,22 @@ def test_each_stage_as_two_cpu_processes(stage, base_pipeline, preprocessed_data
     out = run_script(command)
     assert "done: 2 steps on 2 process(es)" in out
     assert_only_groups_changed(weights(base_pipeline), weights(tmp_path / "pipeline"), STAGE_GROUPS[stage])
+
+
+def test_fsdp_sharded_weights_are_gathered_by_every_process_for_validation_and_export():
+    """accelerate enters FSDP only with a GPU, so this runs torch's FSDP2 on two CPU processes (gloo) directly, with
+    accelerate's own FSDP2 `get_state_dict`: see tests/distributed/fsdp_trained_weights.py."""
+    out = run_script(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "tests/distributed/fsdp_trained_weights.py",
+        ]
+    )
+    assert "rank 0: ok" in out and "rank 1: ok" in out
 
 
 # ------------------------------------------------------------------------------------------------ in-process
@@ -190,34 +213,38 @@ def test_overfitting_one_clip_drives_the_loss_down(base_pipeline, preprocessed_d
     assert end < 0.5 * start, (start, end)  # a clear fall, not noise: seen ~1.0 -> ~0.2
 
 
-def test_interrupted_run_resumes_to_the_same_weights_and_skips_a_truncated_checkpoint(
+def test_run_interrupted_mid_epoch_resumes_to_the_same_weights_and_skips_a_truncated_checkpoint(
     base_pipeline, preprocessed_dataset, tmp_path, monkeypatch, caplog
 ):
-    import emo_pipeline.training as training
+    import emo_pipeline.training.loop as training
+    from emo_pipeline.data import TalkingHeadDataset
 
     dataset = preprocessed_dataset[0]
-    args = ["stage=2", "use_ema=true", "ema_decay=0.9"] + overrides(base_pipeline, dataset, None, 2, steps=6)
+    crash_step, steps = 2, 6
+    per_epoch = len(TalkingHeadDataset(dataset, stage=2, num_frames=4, num_motion_frames=2))
+    assert crash_step % per_epoch and steps > per_epoch  # stops mid-epoch; the resumed run crosses an epoch
+    args = ["stage=2", "use_ema=true", "ema_decay=0.9"] + overrides(base_pipeline, dataset, None, 2, steps=steps)
     uninterrupted = train_in_process([a.replace("output_dir=None", f"output_dir={tmp_path / 'a'}") for a in args])
-    assert uninterrupted.global_step == 6
+    assert uninterrupted.global_step == steps
 
     save = training.save_checkpoint
 
-    def crash_after_step_4(accelerator, output_dir, step, *a, **k):
+    def crash_after_a_checkpoint(accelerator, output_dir, step, *a, **k):
         folder = save(accelerator, output_dir, step, *a, **k)
-        if step == 4:
+        if step == crash_step:
             raise KeyboardInterrupt  # the process dies right after a checkpoint
         return folder
 
     run_b = [a.replace("output_dir=None", f"output_dir={tmp_path / 'b'}") for a in args]
-    monkeypatch.setattr(training, "save_checkpoint", crash_after_step_4)
+    monkeypatch.setattr(training, "save_checkpoint", crash_after_a_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         train_in_process(run_b)
     monkeypatch.setattr(training, "save_checkpoint", save)
     checkpoints = tmp_path / "b" / "checkpoints"
-    assert (checkpoints / "latest").read_text().strip() == "step-4"
+    assert (checkpoints / "latest").read_text().strip() == f"step-{crash_step}"
     # a newer checkpoint truncated by a crash mid-copy must be skipped, not loaded
-    shutil.copytree(checkpoints / "step-4", checkpoints / "step-5")
-    model_file = next((checkpoints / "step-5").glob("model*.safetensors"))
+    shutil.copytree(checkpoints / f"step-{crash_step}", checkpoints / f"step-{crash_step + 1}")
+    model_file = next((checkpoints / f"step-{crash_step + 1}").glob("model*.safetensors"))
     model_file.write_bytes(model_file.read_bytes()[:1000])
 
     from accelerate.state import AcceleratorState
@@ -225,10 +252,10 @@ def test_interrupted_run_resumes_to_the_same_weights_and_skips_a_truncated_check
     AcceleratorState._reset_state(reset_partial_state=True)
     with caplog.at_level("WARNING", logger="emo_pipeline.training"):
         resumed = train_in_process(run_b + ["resume_from_checkpoint=latest"])
-    assert resumed.resumed_from == checkpoints / "step-4"
-    assert "skipping incomplete or truncated checkpoint" in caplog.text and "step-5" in caplog.text
-    assert resumed.global_step == 6 and len(resumed.losses) == 2
-    np.testing.assert_allclose(resumed.losses, uninterrupted.losses[4:], rtol=1e-6)
+    assert resumed.resumed_from == checkpoints / f"step-{crash_step}"
+    assert "skipping incomplete or truncated checkpoint" in caplog.text and f"step-{crash_step + 1}" in caplog.text
+    assert resumed.global_step == steps and len(resumed.losses) == steps - crash_step
+    np.testing.assert_allclose(resumed.losses, uninterrupted.losses[crash_step:], rtol=1e-6)
     a, b = weights(tmp_path / "a" / "pipeline"), weights(tmp_path / "b" / "pipeline")
     for name in a:  # tolerance: bit-identical expected on CPU; allow float32 reduction-order noise
         assert torch.allclose(a[name], b[name], atol=1e-7, rtol=1e-6), name
@@ -332,26 +359,44 @@ def test_exported_pipeline_generates_and_its_card_lists_the_stage(base_pipeline,
     assert "| 1 | 1 |" in card.text and "face_locator, reference_net, spatial" in card.text  # the stage table row
 
 
-def test_periodic_validation_writes_videos_with_the_current_weights(base_pipeline, preprocessed_dataset, tmp_path):
+def test_validation_samples_with_the_trained_schedule_and_changes_with_the_weights(
+    base_pipeline, preprocessed_dataset, tmp_path, monkeypatch
+):
+    from emo_pipeline.media import read_video_frames, read_video_info
     from emo_pipeline.testing import demo_assets
 
+    sampled_with = []
+    write_video = EMOPipeline.write_video
+
+    def recording_write_video(self, *args, **kwargs):
+        sampled_with.append(dict(self.scheduler.config))
+        return write_video(self, *args, **kwargs)
+
+    monkeypatch.setattr(EMOPipeline, "write_video", recording_write_video)
     portrait, speech = demo_assets()
     extra = {
         "validation.steps": 1,
         "validation.images": f"[{portrait}]",
         "validation.audios": f"[{speech}]",
-        "validation.num_inference_steps": 1,
+        "validation.num_inference_steps": 2,
         "validation.max_seconds": 0.5,
         "data.size": 64,
-        "export": False,
+        "prediction_type": "v_prediction",  # the SD1.5-like base pipeline samples epsilon with leading timesteps
+        "zero_terminal_snr": "true",
+        "optim.learning_rate": 1e-3,  # one step must show in an 8-bit video
+        "checkpointing_steps": 0,
     }
     train_in_process(["stage=2"] + overrides(base_pipeline, preprocessed_dataset[0], tmp_path, 2, steps=2, **extra))
-    for step in (1, 2):
-        video = tmp_path / "validation" / f"step-{step}" / "sample-0.mp4"
-        assert video.is_file() and video.stat().st_size > 0
-    from emo_pipeline.media import read_video_info
-
-    assert read_video_info(tmp_path / "validation" / "step-2" / "sample-0.mp4").num_frames == 13  # 0.5 s at 25 fps
+    videos = [tmp_path / "validation" / f"step-{step}" / "sample-0.mp4" for step in (1, 2)]
+    assert read_video_info(videos[1]).num_frames == 13  # 0.5 s at 25 fps
+    first, second = (read_video_frames(v).astype(np.float32) for v in videos)
+    # seen 7.7 grey levels; 0.06 when validation kept the first step's weights (video coding noise)
+    assert np.abs(first - second).mean() > 1.0, "validation did not sample with the weights of its step"
+    exported = EMOPipeline.from_pretrained(tmp_path / "pipeline").scheduler.config
+    for config in [*sampled_with, exported]:  # validation and the export sample as training noised
+        assert config["prediction_type"] == "v_prediction" and config["rescale_betas_zero_snr"]
+        assert config["timestep_spacing"] == "trailing"
+    assert len(sampled_with) == 2
 
 
 def test_bad_pretrained_or_data_exits_2_naming_the_input(tmp_path, capsys):
@@ -382,6 +427,79 @@ def test_config_includes_overrides_and_errors(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(EMOInputError, match="LoRA"):
         load_config(tmp_path / "train.yaml", ["lora.rank=4", "data.root=d"])
+    for bad in (["prediction_type=epsilon", "zero_terminal_snr=true", "snr_gamma=5"], ["snr_gamma=0"]):
+        with pytest.raises(EMOInputError, match="snr_gamma"):  # each message names the fields and the fix
+            load_config(tmp_path / "train.yaml", ["data.root=d", *bad])
+    with pytest.raises(EMOInputError, match="zero_terminal_snr.*prediction_type: v_prediction"):
+        load_config(tmp_path / "train.yaml", ["data.root=d", "prediction_type=epsilon", "zero_terminal_snr=true"])
     for stage in (1, 2, 3):  # the shipped configs parse and name the paper's groups
         shipped = load_config(REPO / f"configs/train/stage{stage}.yaml", ["pretrained=p", "data.root=d"])
         assert sorted(shipped.trainable) == sorted(STAGE_GROUPS[stage])
+
+
+def test_zero_terminal_snr_on_an_epsilon_pipeline_is_refused_before_training(base_pipeline, tmp_path):
+    with pytest.raises(EMOInputError, match="zero_terminal_snr.*v_prediction"):  # epsilon comes from the pipeline
+        train_in_process(
+            [f"pretrained={base_pipeline}", f"output_dir={tmp_path}", f"data.root={tmp_path}", "report_to=none"]
+            + ["zero_terminal_snr=true"]
+        )
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_enable_xformers_without_xformers_fails_before_loading_anything(tmp_path, monkeypatch):
+    import diffusers.utils
+
+    monkeypatch.setattr(diffusers.utils, "is_xformers_available", lambda: False)
+    missing = tmp_path / "missing"  # never loaded: the check comes first
+    with pytest.raises(EMOInputError, match="enable_xformers: true needs xformers"):
+        train_in_process(
+            [f"pretrained={missing}", f"output_dir={tmp_path}", f"data.root={missing}", "report_to=none"]
+            + ["enable_xformers=true"]
+        )
+
+
+def test_enable_xformers_switches_both_networks(monkeypatch):
+    from emo_pipeline.models.backbone import EMOUNet3DConditionModel
+    from emo_pipeline.models.reference_net import ReferenceNet
+    from emo_pipeline.training.setup import prepare_models
+
+    switched = []
+    for cls in (EMOUNet3DConditionModel, ReferenceNet):
+        monkeypatch.setattr(
+            cls, "enable_xformers_memory_efficient_attention", lambda self: switched.append(type(self))
+        )
+    config = load_config(None, ["pretrained=p", "output_dir=o", "data.root=d", "enable_xformers=true"])
+    prepare_models(tiny_emo_pipeline(), config)
+    assert sorted(c.__name__ for c in switched) == ["EMOUNet3DConditionModel", "ReferenceNet"]
+
+
+def test_conditions_encode_like_the_pipeline_and_only_targets_sample_the_posterior():
+    from emo_pipeline.training.inputs import batch_inputs
+
+    pipe = tiny_emo_pipeline()
+    config = load_config(
+        None,
+        ["stage=2", "pretrained=p", "output_dir=o", "data.root=d", "trainable=[temporal]"]
+        + ["dropout.reference=0", "dropout.motion=0", "dropout.audio=0"],
+    )
+    pixels = torch.rand(1, 4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    window, layers, dim = pipe.unet.audio_proj.expected_feature_shape
+    batch = {
+        "reference": pixels[:, 0],
+        "motion_frames": pixels[:, 1:2],
+        "frames": pixels[:, 2:],
+        "audio_features": torch.zeros(1, 2, window, layers, dim),
+        "face_mask": torch.ones(1, 1, 32, 32),
+    }
+    draws = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        draws.append(batch_inputs(batch, pipe.vae, pipe.unet, config, torch.float32))
+
+    def mode(images):  # how EMOPipeline encodes the portrait (and its motion frames are latents, not samples)
+        return pipe.vae.encode(images).latent_dist.mode() * pipe.vae.config.scaling_factor
+
+    for inputs in draws:
+        torch.testing.assert_close(inputs["reference_latents"], mode(pixels[:, 0]), rtol=0, atol=0)
+        torch.testing.assert_close(inputs["motion_latents"], mode(pixels[0, 1:2])[None], rtol=0, atol=0)
+    assert (draws[0]["latents"] - draws[1]["latents"]).abs().max() > 1e-3  # targets: a posterior sample each time

@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     if result.is_main_process:
         saved = result.export_dir or result.lora_dir
         print(
-            f"done: {result.global_step} steps on {result.num_processes} process(es)",
+            f"done: {result.global_step} steps on {result.num_processes} process(es), mixed precision "
+            f"{result.mixed_precision}",
             f"saved {saved}" if saved else "",
         )
     return 0
