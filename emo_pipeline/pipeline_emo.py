@@ -401,6 +401,17 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         )
         return pipe
 
+    def compile(self, mode: str | None = None, dynamic: bool = False, **compile_kwargs) -> None:
+        """`torch.compile` the backbone and the ReferenceNet in place (`fullgraph=True`: neither has a graph break).
+
+        The first clip pays the compilation (minutes at SD1.5 size); later clips and videos of the same size reuse
+        it. `dynamic=False` specialises on the shapes, which stay fixed within a video: the backbone sees one batch
+        shape per guidance mode, the ReferenceNet one for the portrait and one for the motion frames. `mode`
+        (e.g. "max-autotune") and other arguments go to `torch.compile`.
+        """
+        for model in (self.unet, self.reference_net):
+            model.compile(fullgraph=True, dynamic=dynamic, mode=mode, **compile_kwargs)
+
     def set_scheduler(self, name: str, **config_overrides) -> None:
         """Swap the scheduler for one of `SCHEDULERS` built from the current scheduler's config (same noise
         schedule), e.g. `pipe.set_scheduler("dpm++")`. Any other diffusers scheduler can be assigned directly."""
@@ -674,7 +685,8 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
         # Once per video: reference latents -> ReferenceNet; face mask; audio feature stream.
         reference_latents = self.encode_image(plan.portrait.image, device, dtype)
-        reference = self.reference_net(reference_latents)
+        # Reference keys/values projected once per video (exact: tokens and weights are fixed during a video).
+        reference = self.unet.prepare_reference(self.reference_net(reference_latents))
         face_mask = torch.from_numpy(plan.portrait.mask)[None, None].to(device=device, dtype=dtype)
         self.audio_encoder.eval()
         audio_windows = _AudioWindows(
@@ -689,7 +701,7 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             return ReferenceFeatures(
                 spatial=reference.spatial,
                 temporal=self.reference_net(motion_latents).temporal,  # once per clip
-                _kv_cache=reference._kv_cache,  # reference K/V stay valid for the whole video
+                key_value=reference.key_value,
             )
 
         with self.progress_bar(total=plan.num_clips * settings.num_inference_steps) as progress:
@@ -699,10 +711,16 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 start = clip_index * f
                 clip_audio = audio_windows.window(start, start + f)[None].to(device=device, dtype=dtype)
                 guided_audio = torch.cat([torch.zeros_like(clip_audio), clip_audio])  # [no audio, audio]
-                conditioning = {"reference_features": clip_reference(motion_latents), "face_mask": face_mask}
+                clip_speed = None
                 if plan.speed is not None:
                     clip_speed = plan.speed[np.minimum(np.arange(start, start + f), plan.num_frames - 1)]
-                    conditioning["speed"] = torch.from_numpy(clip_speed)[None].to(device=device, dtype=dtype)
+                    clip_speed = torch.from_numpy(clip_speed)[None].to(device=device, dtype=dtype)
+                # Audio tokens, face-locator features and speed embeddings depend on the clip, not on the step:
+                # encoded once per clip, both guidance branches' tokens at once ([no audio, audio]).
+                encoded = self.unet.encode_conditioning(guided_audio, face_mask, clip_speed, dtype=dtype)
+                guided_tokens = encoded.pop("audio_tokens")
+                clip_tokens = guided_tokens[guided_tokens.shape[0] // 2 :]
+                conditioning = {"reference_features": clip_reference(motion_latents), **encoded}
 
                 self.scheduler.set_timesteps(settings.num_inference_steps, device=device)
                 self._num_timesteps = len(self.scheduler.timesteps)
@@ -716,8 +734,10 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                     guided = self.do_classifier_free_guidance
                     model_input = torch.cat([latents] * 2) if guided else latents
                     model_input = self.scheduler.scale_model_input(model_input, timestep)
-                    audio_features = guided_audio if guided else clip_audio
-                    noise = self.unet(model_input, timestep, audio_features, **conditioning, return_dict=False)[0]
+                    audio_tokens = guided_tokens if guided else clip_tokens
+                    noise = self.unet(
+                        model_input, timestep, audio_tokens=audio_tokens, **conditioning, return_dict=False
+                    )[0]
                     if guided:
                         unconditional, conditional = noise.chunk(2)
                         noise = unconditional + self.guidance_scale * (conditional - unconditional)

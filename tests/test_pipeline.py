@@ -102,13 +102,17 @@ def test_batched_guidance_equals_two_separate_branch_calls(pipe):
     batched = pipe(IMAGE, audio, **settings(guidance_scale=3.5)).frames
     forward = pipe.unet.forward
 
-    def one_branch_at_a_time(sample, timestep, audio_features, **kwargs):
+    def one_branch_at_a_time(sample, timestep, audio_tokens, **kwargs):  # tokens (B*F, T, C), clip-encoded
         if sample.shape[0] == 1:
-            return forward(sample, timestep, audio_features, **kwargs)
-        outputs = [forward(s[None], timestep, a[None], **kwargs)[0] for s, a in zip(sample, audio_features)]
+            return forward(sample, timestep, audio_tokens=audio_tokens, **kwargs)
+        outputs = [
+            forward(s[None], timestep, audio_tokens=a, **kwargs)[0] for s, a in zip(sample, audio_tokens.chunk(2))
+        ]
         return (torch.cat(outputs),)
 
-    pipe.unet.forward = one_branch_at_a_time
+    pipe.unet.forward = lambda sample, timestep, audio_tokens=None, **kwargs: one_branch_at_a_time(
+        sample, timestep, audio_tokens, **kwargs
+    )
     separate = pipe(IMAGE, audio, **settings(guidance_scale=3.5)).frames
     assert np.abs(batched - separate).max() < 1e-5  # float32 reordering only
     single = pipe(IMAGE, audio, **settings(guidance_scale=1.0)).frames
@@ -307,12 +311,11 @@ def test_bfloat16_output_is_close_to_float32(pipe):
 
 
 def record_backbone(pipe) -> list[dict]:
-    """Each backbone call's audio features, output and conditioning, from a forward hook."""
+    """Each backbone call's audio tokens `(B*F, T, C)`, output and conditioning, from a forward hook."""
     calls = []
 
     def hook(module, args, kwargs, output):
-        audio = args[2] if len(args) > 2 else kwargs["audio_features"]
-        calls.append({"audio": audio.clone(), "output": output[0].clone(), "kwargs": kwargs})
+        calls.append({"audio": kwargs["audio_tokens"].clone(), "output": output[0].clone(), "kwargs": kwargs})
 
     pipe.unet.register_forward_hook(hook, with_kwargs=True)
     return calls
@@ -338,15 +341,17 @@ def test_guidance_is_u_plus_s_times_c_minus_u_with_u_the_zero_audio_branch(pipe)
     assert len(calls) == len(steps) == 2 * 3  # 2 clips x 3 steps, one backbone call each
     for call, model_output in zip(calls, steps):
         assert call["output"].shape[0] == 2  # both branches in one batch
-        no_audio, audio = call["audio"]
-        assert not no_audio.any() and audio.abs().sum() > 0
+        no_audio, audio = call["audio"].chunk(2)  # tokens of [zero audio features, the clip's audio]
+        silence = pipe.unet.audio_proj(torch.zeros(1, F, *pipe.unet.audio_proj.expected_feature_shape))
+        torch.testing.assert_close(no_audio, silence)
+        assert (audio - silence).abs().max() > 1e-3
         u, c = call["output"].chunk(2)
         torch.testing.assert_close(model_output, u + 3.5 * (c - u), rtol=1e-6, atol=1e-6)
 
     calls.clear(), steps.clear()
     pipe(IMAGE, speech(0.2), **settings(guidance_scale=1.0, num_inference_steps=3))
     for call, model_output in zip(calls, steps):  # no guidance: the audio branch alone
-        assert call["output"].shape[0] == 1 and call["audio"].abs().sum() > 0
+        assert call["output"].shape[0] == 1 and call["audio"].shape[0] == F
         assert torch.equal(model_output, call["output"])
 
 

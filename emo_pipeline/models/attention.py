@@ -1,19 +1,27 @@
-"""Reference features, the per-call conditioning context and the attention processors of EMO.
+"""Reference features, the per-call conditioning state and the reference-attention hooks of EMO.
 
 EMO (arXiv 2402.17485, section 3.2) conditions the backbone on the reference image through *reference attention*:
 every spatial self-attention (attn1) of the backbone also attends to the ReferenceNet's attn1 input tokens of the
 same layer, keys/values concatenated along the token axis.
 
-Per-call conditioning (reference tokens, motion-frame features, speed embeddings, face-locator features) reaches
-processors and temporal layers through `forward_context`, a `contextvars` scope opened by the backbone's `forward`
-and closed when it returns: no state survives a call. Gradient checkpointing re-runs blocks during backward, after
-the scope closed; `checkpoint_with_context` re-enters the scope captured at forward time for that recomputation.
+How conditioning reaches the layers, whatever attention backend is installed:
+
+* Per-call conditioning (reference tokens or their precomputed keys/values, motion-frame features, speed
+  embeddings, face-locator features) is written by the backbone's `forward` into one `ConditioningState` that the
+  layers hold a reference to, and cleared when the call returns (no state survives a call). It is plain attribute
+  access on a plain object, which `torch.compile(fullgraph=True)` traces (a `ContextVar` is not).
+* Reference attention is a forward pre-hook on every attn1 `Attention` *module*, not an attention processor, so any
+  processor diffusers installs (SDPA, xformers, sliced, fused QKV, a user's own) keeps it: the hook passes
+  `encoder_hidden_states = cat([hidden_states, reference tokens])`, which every processor turns into keys/values
+  over both. With `EMOAttnProcessor` installed (the default) the hook passes the reference keys/values projected
+  once per video instead (`EMOUNet3DConditionModel.prepare_reference`), an exact shortcut.
+* Gradient checkpointing re-runs blocks during backward, after `forward` cleared the state;
+  `checkpoint_with_state` re-installs the state captured at forward time for that recomputation.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -24,14 +32,12 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from emo_pipeline.errors import EMOInputError
 
 __all__ = [
-    "ForwardContext",
-    "ReferenceAttnProcessor",
-    "ReferenceCaptureAttnProcessor",
+    "ConditioningState",
+    "EMOAttnProcessor",
+    "ReferenceAttentionHook",
     "ReferenceFeatures",
     "broadcast_batch",
-    "checkpoint_with_context",
-    "current_context",
-    "forward_context",
+    "checkpoint_with_state",
 ]
 
 
@@ -42,14 +48,14 @@ class ReferenceFeatures:
     `spatial`: `{attn1 module name: (B, h*w, C)}` attn1 input tokens of the reference image (reference attention).
     `temporal`: `{temporal layer name: (B, n, C, h, w)}` hidden states of the `n` motion frames at every temporal
     layer of the backbone (empty when n = 0).
+    `key_value`: `{attn1 module name: ((B, h*w, C'), (B, h*w, C'))}` the reference tokens already projected by that
+    layer's `to_k`/`to_v` (`EMOUNet3DConditionModel.prepare_reference`): the tokens and the weights are fixed for a
+    whole video at inference, so projecting them once instead of at every frame, step and clip is exact.
     """
 
     spatial: dict[str, torch.Tensor] = field(default_factory=dict)
     temporal: dict[str, torch.Tensor] = field(default_factory=dict)
-    # Reference keys/values per layer. The reference tokens are fixed for a whole video and the weights are frozen at
-    # inference, so projecting them once instead of at every frame, step and clip is exact. Filled only when
-    # autograd is off (a training step needs fresh projections with a graph).
-    _kv_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
+    key_value: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     @property
     def num_motion_frames(self) -> int:
@@ -59,41 +65,53 @@ class ReferenceFeatures:
         return ReferenceFeatures(
             spatial={k: v.to(*args, **kwargs) for k, v in self.spatial.items()},
             temporal={k: v.to(*args, **kwargs) for k, v in self.temporal.items()},
+            key_value={k: (kv[0].to(*args, **kwargs), kv[1].to(*args, **kwargs)) for k, kv in self.key_value.items()},
         )
 
 
-@dataclass
-class ForwardContext:
-    """Conditioning of one backbone forward call (see module docstring)."""
+class ConditioningState:
+    """Conditioning of the backbone call in progress; every conditioned layer holds a reference to one instance.
 
-    num_frames: int
-    reference: ReferenceFeatures | None = None
-    speed_embeddings: torch.Tensor | None = None  # (B, F, l)
-    face_features: torch.Tensor | None = None  # (B, C, h, w)
-    # Which layers consumed reference / motion-frame features, so the backbone can prove that conditioning reached
-    # every layer (a replaced processor must fail loudly, not drop the reference silently).
-    reached_spatial: set[str] = field(default_factory=set)
-    reached_temporal: set[str] = field(default_factory=set)
+    `reached` is a set while conditioning reach is being recorded (eager calls), else None (compiled calls).
+    """
+
+    __slots__ = ("num_frames", "spatial", "key_value", "temporal", "speed_embeddings", "face_features", "reached")
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.num_frames: int = 1
+        self.spatial: dict[str, torch.Tensor] | None = None
+        self.key_value: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.temporal: dict[str, torch.Tensor] | None = None
+        self.speed_embeddings: torch.Tensor | None = None  # (B, F, l)
+        self.face_features: torch.Tensor | None = None  # (B, C, h, w)
+        self.reached: set[str] | None = None
+
+    def snapshot(self) -> tuple:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def restore(self, snapshot: tuple) -> None:
+        for name, value in zip(self.__slots__, snapshot):
+            setattr(self, name, value)
+
+    @contextlib.contextmanager
+    def installed(self, snapshot: tuple) -> Iterator[None]:
+        previous = self.snapshot()
+        self.restore(snapshot)
+        try:
+            yield
+        finally:
+            self.restore(previous)
+
+    def mark(self, name: str) -> None:
+        if self.reached is not None:
+            self.reached.add(name)
 
 
-_CONTEXT: contextvars.ContextVar[ForwardContext | None] = contextvars.ContextVar("emo_forward_context", default=None)
-
-
-def current_context() -> ForwardContext | None:
-    return _CONTEXT.get()
-
-
-@contextlib.contextmanager
-def forward_context(context: ForwardContext | None) -> Iterator[ForwardContext | None]:
-    token = _CONTEXT.set(context)
-    try:
-        yield context
-    finally:
-        _CONTEXT.reset(token)
-
-
-def checkpoint_with_context(inner: Callable | None = None) -> Callable:
-    """A diffusers `gradient_checkpointing_func` whose recomputation sees the forward call's context."""
+def checkpoint_with_state(state: ConditioningState, inner: Callable | None = None) -> Callable:
+    """A diffusers `gradient_checkpointing_func` whose recomputation sees the forward call's conditioning."""
 
     def default(function, *args):
         return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
@@ -101,10 +119,10 @@ def checkpoint_with_context(inner: Callable | None = None) -> Callable:
     inner = inner or default
 
     def gradient_checkpointing_func(module, *args):
-        context = current_context()
+        snapshot = state.snapshot()
 
         def run(*inputs):
-            with forward_context(context):
+            with state.installed(snapshot):
                 return module(*inputs)
 
         return inner(run, *args)
@@ -123,31 +141,19 @@ def broadcast_batch(features: torch.Tensor, batch: int, name: str) -> torch.Tens
     return features.repeat(batch // features.shape[0], *([1] * (features.ndim - 1)))
 
 
-def _attention(query, key, value, heads: int, use_xformers: bool) -> torch.Tensor:
-    """Multi-head attention on `(B, L, heads*d)` projections -> `(B, Lq, heads*d)`."""
-    batch, _, inner = query.shape
-    head_dim = inner // heads
-    if use_xformers:
-        import xformers.ops
-
-        q, k, v = (t.reshape(batch, -1, heads, head_dim) for t in (query, key, value))
-        out = xformers.ops.memory_efficient_attention(q, k, v)
-        return out.reshape(batch, -1, inner)
-    q, k, v = (t.reshape(batch, -1, heads, head_dim).transpose(1, 2) for t in (query, key, value))
-    out = F.scaled_dot_product_attention(q, k, v)
-    return out.transpose(1, 2).reshape(batch, -1, inner)
+def _per_frame(tokens: torch.Tensor, batch_frames: int, num_frames: int, name: str) -> torch.Tensor:
+    """`(b, T, C)` per-sample tokens -> `(B*F, T, C)`: the same tokens for every frame of each sample's clip."""
+    tokens = broadcast_batch(tokens, batch_frames // num_frames, name)
+    return tokens.repeat_interleave(num_frames, dim=0)
 
 
-class ReferenceAttnProcessor:
-    """Backbone attn1: self-attention whose keys/values also cover the reference tokens of the same layer.
+class EMOAttnProcessor(AttnProcessor2_0):
+    """diffusers' `AttnProcessor2_0` (SDPA) that also takes precomputed reference keys/values.
 
-    With no reference features in the current context it is plain self-attention, numerically the same as
-    diffusers' `AttnProcessor2_0` (the SD1.5 parity tests rely on it).
+    Without `reference_key`/`reference_value` it *is* `AttnProcessor2_0` (the same code runs); with them, the keys
+    and values of the layer's own tokens are extended by the reference ones, which is what the generic path
+    (`encoder_hidden_states = cat([hidden_states, reference tokens])`) computes, minus re-projecting the reference.
     """
-
-    def __init__(self, name: str, use_xformers: bool = False):
-        self.name = name
-        self.use_xformers = use_xformers
 
     def __call__(
         self,
@@ -155,71 +161,102 @@ class ReferenceAttnProcessor:
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        **kwargs,
+        temb: torch.Tensor | None = None,
+        reference_key: torch.Tensor | None = None,
+        reference_value: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if attn.spatial_norm is not None or attn.group_norm is not None or hidden_states.ndim != 3:
-            raise NotImplementedError(f"{self.name}: reference attention supports SD-style attn1 layers only")
-        if encoder_hidden_states is not None or attention_mask is not None:
-            raise NotImplementedError(f"{self.name}: reference attention is self-attention without a mask")
+        if reference_key is None or reference_value is None:
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         residual = hidden_states
+        batch, _, inner = hidden_states.shape
         query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-
-        context = current_context()
-        reference = context.reference if context is not None else None
-        if reference is not None and reference.spatial:
-            ref_key, ref_value = self._reference_kv(attn, reference)
-            batch_frames = hidden_states.shape[0]
-            frames = context.num_frames
-            ref_key = broadcast_batch(ref_key, batch_frames // frames, self.name)
-            ref_value = broadcast_batch(ref_value, batch_frames // frames, self.name)
-            # (B, T_ref, C) -> (B*F, T_ref, C): the same reference tokens for every frame of the clip.
-            ref_key = ref_key.repeat_interleave(frames, dim=0)
-            ref_value = ref_value.repeat_interleave(frames, dim=0)
-            key = torch.cat([key, ref_key], dim=1)
-            value = torch.cat([value, ref_value], dim=1)
-            context.reached_spatial.add(self.name)
-
-        hidden_states = _attention(query, key, value, attn.heads, self.use_xformers).to(query.dtype)
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        key = torch.cat([attn.to_k(hidden_states), reference_key.to(query.dtype)], dim=1)
+        value = torch.cat([attn.to_v(hidden_states), reference_value.to(query.dtype)], dim=1)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (t.reshape(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+        if attn.norm_q is not None:
+            query, key = attn.norm_q(query), attn.norm_k(key)
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
-
-    def _reference_kv(self, attn: Attention, reference: ReferenceFeatures) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = reference.spatial.get(self.name)
-        if tokens is None:
-            raise EMOInputError(
-                f"reference_features.spatial has no entry for layer {self.name!r}; it must come from a ReferenceNet "
-                "built from the same SD UNet as the backbone"
-            )
-        if tokens.ndim != 3 or tokens.shape[-1] != attn.to_k.in_features:
-            raise EMOInputError(
-                f"reference_features.spatial[{self.name!r}] must have shape (B, tokens, {attn.to_k.in_features}), "
-                f"got {tuple(tokens.shape)}"
-            )
-        cached = reference._kv_cache.get(self.name)
-        weight = attn.to_k.weight
-        if cached is not None and (cached[0].dtype, cached[0].device) == (weight.dtype, weight.device):
-            return cached
-        tokens = tokens.to(device=weight.device, dtype=weight.dtype)
-        key_value = (attn.to_k(tokens), attn.to_v(tokens))
-        if not torch.is_grad_enabled():
-            reference._kv_cache[self.name] = key_value
-        return key_value
+            out = out + residual
+        return out / attn.rescale_output_factor
 
 
-class ReferenceCaptureAttnProcessor:
-    """ReferenceNet attn1: ordinary self-attention that records its input tokens (after norm1) for the backbone."""
+def is_supported_reference_layer(attn: Attention) -> bool:
+    """attn1 layers of SD-style transformer blocks: token input, no group/spatial norm, no added K/V."""
+    return attn.spatial_norm is None and attn.group_norm is None and attn.added_kv_proj_dim is None
 
-    def __init__(self, name: str, capture: Callable[[str, torch.Tensor], None]):
+
+class ReferenceAttentionHook:
+    """Forward pre-hook of a backbone attn1 module: makes its self-attention also attend to the reference tokens.
+
+    Works with any attention processor (see the module docstring); with none set in the state it changes nothing,
+    so the layer is plain SD self-attention.
+    """
+
+    def __init__(self, name: str, state: ConditioningState):
         self.name = name
-        self.capture = capture
+        self.state = state
 
-    def __call__(self, attn: Attention, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        self.capture(self.name, hidden_states)
-        return _SELF_ATTENTION(attn, hidden_states, *args, **kwargs)
+    def __call__(self, attn: Attention, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        state = self.state
+        if state.spatial is None and state.key_value is None:
+            return None
+        hidden_states = args[0] if args else kwargs["hidden_states"]
+        if kwargs.get("encoder_hidden_states") is not None or kwargs.get("attention_mask") is not None:
+            raise NotImplementedError(f"{self.name}: reference attention is self-attention without a mask")
+        batch_frames = hidden_states.shape[0]
+        kwargs = dict(kwargs)
+        cached = state.key_value.get(self.name) if state.key_value is not None else None
+        if cached is not None and isinstance(attn.processor, EMOAttnProcessor):
+            kwargs["reference_key"] = _per_frame(cached[0], batch_frames, state.num_frames, self.name)
+            kwargs["reference_value"] = _per_frame(cached[1], batch_frames, state.num_frames, self.name)
+        else:
+            tokens = state.spatial.get(self.name) if state.spatial is not None else None
+            if tokens is None:
+                raise EMOInputError(
+                    f"reference_features.spatial has no entry for layer {self.name!r}; it must come from a "
+                    "ReferenceNet built from the same SD UNet as the backbone"
+                )
+            tokens = _per_frame(tokens.to(hidden_states.dtype), batch_frames, state.num_frames, self.name)
+            kwargs["encoder_hidden_states"] = torch.cat([hidden_states, tokens], dim=1)
+        state.mark(self.name)
+        return args, kwargs
 
 
-_SELF_ATTENTION = AttnProcessor2_0()
+def reference_key_value(attn: Attention, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's keys/values of `(B, T, C)` reference tokens, as its processor would project them."""
+    if getattr(attn, "fused_projections", False) and hasattr(attn, "to_kv"):
+        key, value = attn.to_kv(tokens).chunk(2, dim=-1)
+        return key, value
+    return attn.to_k(tokens), attn.to_v(tokens)
+
+
+def check_reference_tokens(name: str, tokens: torch.Tensor | None, attn: Attention) -> None:
+    if tokens is None:
+        raise EMOInputError(
+            f"reference_features.spatial has no entry for layer {name!r}; it must come from a ReferenceNet built "
+            "from the same SD UNet as the backbone"
+        )
+    if tokens.ndim != 3 or tokens.shape[-1] != attn.to_k.in_features:
+        raise EMOInputError(
+            f"reference_features.spatial[{name!r}] must have shape (B, tokens, {attn.to_k.in_features}), "
+            f"got {tuple(tokens.shape)}"
+        )
+
+
+def add_fused_key_value(attn: Attention) -> None:
+    """Give a fused self-attention layer the fused `to_kv` that diffusers builds only for cross-attention.
+
+    `FusedAttnProcessor2_0` projects `encoder_hidden_states` with `to_kv`; the reference hook passes them to attn1.
+    """
+    weight = torch.cat([attn.to_k.weight.data, attn.to_v.weight.data])
+    attn.to_kv = torch.nn.Linear(
+        weight.shape[1], weight.shape[0], bias=attn.use_bias, device=weight.device, dtype=weight.dtype
+    )
+    with torch.no_grad():
+        attn.to_kv.weight.copy_(weight)
+        if attn.use_bias:
+            attn.to_kv.bias.copy_(torch.cat([attn.to_k.bias.data, attn.to_v.bias.data]))

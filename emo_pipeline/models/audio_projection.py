@@ -52,6 +52,6 @@ class AudioProjection(ModelMixin, ConfigMixin):
                 f"{', '.join(map(str, self.expected_feature_shape))}), got {tuple(audio_features.shape)}"
             )
         batch, frames = audio_features.shape[:2]
-        flat = audio_features.reshape(batch * frames, -1).to(self.norm.weight.dtype)
+        flat = audio_features.reshape(batch * frames, -1)
         tokens = self.mlp(flat).reshape(batch * frames, self.config.num_tokens, self.config.output_dim)
         return self.norm(tokens)

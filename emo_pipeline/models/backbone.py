@@ -7,7 +7,9 @@
   (`EMOTemporalTransformer3D`);
 * face locator features added to the `conv_in` output.
 
-Per-call conditioning travels in a `ForwardContext` scoped to one `forward` call.
+Per-call conditioning is written into one `ConditioningState` for the duration of a `forward` call; reference
+attention is a forward pre-hook on each attn1 module, so it survives any attention processor (see
+`emo_pipeline.models.attention`). The whole forward traces under `torch.compile(fullgraph=True)`.
 """
 
 from __future__ import annotations
@@ -18,17 +20,20 @@ from typing import Any
 import torch
 from diffusers import ModelMixin, MotionAdapter, UNet2DConditionModel, UNetMotionModel
 from diffusers.configuration_utils import register_to_config
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D, UNetMotionOutput
 
 from emo_pipeline.errors import EMOInputError
 from emo_pipeline.models.attention import (
-    ForwardContext,
-    ReferenceAttnProcessor,
+    ConditioningState,
+    EMOAttnProcessor,
+    ReferenceAttentionHook,
     ReferenceFeatures,
+    add_fused_key_value,
     broadcast_batch,
-    checkpoint_with_context,
-    current_context,
-    forward_context,
+    check_reference_tokens,
+    checkpoint_with_state,
+    reference_key_value,
 )
 from emo_pipeline.models.audio_projection import AudioProjection
 from emo_pipeline.models.face_locator import FaceLocator
@@ -81,12 +86,20 @@ class EMOUNet3DConditionModel(UNetMotionModel):
             face_locator_config=_public(self.face_locator.config),
             speed_encoder_config=_public(self.speed_encoder.config),
         )
+        # Conditioning of the call in progress, shared by reference with every conditioned layer and hook.
+        self._conditioning = ConditioningState()
         speed_dim = self.speed_encoder.config.embed_dim
         for name, module in list(self.named_modules()):
             if isinstance(module, AnimateDiffTransformer3D) and not isinstance(module, EMOTemporalTransformer3D):
-                EMOTemporalTransformer3D.from_animatediff(module, name, speed_dim)
-        self._set_reference_processors(use_xformers=False)
-        self.conv_in.register_forward_hook(_add_face_features)
+                EMOTemporalTransformer3D.from_animatediff(module, name, speed_dim, self._conditioning)
+        self._reference_layer_names: list[str] = []
+        for name, module in self.named_modules():
+            if name.endswith(".attn1") and "motion_modules" not in name and isinstance(module, Attention):
+                module.register_forward_pre_hook(ReferenceAttentionHook(name, self._conditioning), with_kwargs=True)
+                self._reference_layer_names.append(name)
+        self._temporal_layer_names = list(self.temporal_layers)
+        self._install_emo_processors()
+        self.conv_in.register_forward_hook(FaceFeaturesHook(self._conditioning))
 
     __init__.__signature__ = extend_init_signature(
         UNetMotionModel.__init__, audio_projection_config=None, face_locator_config=None, speed_encoder_config=None
@@ -152,11 +165,7 @@ class EMOUNet3DConditionModel(UNetMotionModel):
     @property
     def reference_layer_names(self) -> list[str]:
         """attn1 modules that take reference tokens."""
-        return [
-            n.removesuffix(".processor")
-            for n in self.attn_processors
-            if n.endswith("attn1.processor") and "motion_modules" not in n
-        ]
+        return list(self._reference_layer_names)
 
     def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
         """Parameters by training group: spatial, audio, temporal, speed, face_locator."""
@@ -166,43 +175,96 @@ class EMOUNet3DConditionModel(UNetMotionModel):
         return groups
 
     # ------------------------------------------------------------------------------------- attention backends
+    # Reference attention rides on a pre-hook of each attn1 module, so every processor keeps it. These overrides only
+    # put EMO's SDPA processor (which takes the cached reference keys/values) back where diffusers installs its
+    # plain default, and teach diffusers' switches about this model.
 
-    def _set_reference_processors(self, use_xformers: bool) -> None:
-        processors = {}
-        for name, processor in self.attn_processors.items():
-            if name.endswith("attn1.processor") and "motion_modules" not in name:
-                processors[name] = ReferenceAttnProcessor(name.removesuffix(".processor"), use_xformers=use_xformers)
-            else:
-                processors[name] = processor
-        self.set_attn_processor(processors)
+    def _install_emo_processors(self, force: bool = False) -> None:
+        modules = dict(self.named_modules())
+        for name in self._reference_layer_names:
+            attn = modules[name]
+            if force or type(attn.processor) in (AttnProcessor, AttnProcessor2_0):
+                attn.set_processor(EMOAttnProcessor())
 
     def set_default_attn_processor(self) -> None:
-        super().set_default_attn_processor()
-        self._set_reference_processors(use_xformers=False)
+        """SDPA everywhere (diffusers' `AttnProcessor2_0`), EMO's reference attention kept on attn1."""
+        self.set_attn_processor(AttnProcessor2_0())
+        self._install_emo_processors(force=True)
 
-    def enable_xformers_memory_efficient_attention(self, attention_op: Callable | None = None) -> None:
-        super().enable_xformers_memory_efficient_attention(attention_op)
-        self._set_reference_processors(use_xformers=True)
+    def set_use_memory_efficient_attention_xformers(self, valid: bool, attention_op: Callable | None = None) -> None:
+        super().set_use_memory_efficient_attention_xformers(valid, attention_op)
+        if not valid:
+            self._install_emo_processors()
 
-    def disable_xformers_memory_efficient_attention(self) -> None:
-        super().disable_xformers_memory_efficient_attention()
-        self._set_reference_processors(use_xformers=False)
+    def set_attention_slice(self, slice_size: str | int | list[int] | None = "auto") -> None:
+        """Sliced attention as in `UNet2DConditionModel` (diffusers' `UNetMotionModel` has none); None turns it off."""
+        UNet2DConditionModel.set_attention_slice(self, slice_size)
+        if slice_size is None:
+            self._install_emo_processors()
+
+    def fuse_qkv_projections(self) -> None:
+        super().fuse_qkv_projections()
+        modules = dict(self.named_modules())
+        for name in self._reference_layer_names:
+            add_fused_key_value(modules[name])  # the reference tokens reach a fused attn1 as encoder_hidden_states
 
     def enable_gradient_checkpointing(self, gradient_checkpointing_func: Callable | None = None) -> None:
-        """diffusers' gradient checkpointing, with the recomputation inside this call's conditioning context."""
-        super().enable_gradient_checkpointing(checkpoint_with_context(gradient_checkpointing_func))
+        """diffusers' gradient checkpointing, the recomputation seeing the conditioning of its forward call."""
+        super().enable_gradient_checkpointing(checkpoint_with_state(self._conditioning, gradient_checkpointing_func))
 
     # ---------------------------------------------------------------------------------------------- forward
+
+    @torch.no_grad()
+    def prepare_reference(self, reference_features: ReferenceFeatures) -> ReferenceFeatures:
+        """The reference features with every attn1 layer's reference keys/values projected once (inference).
+
+        The reference tokens and the weights do not change during a video, so the backbone can reuse these at every
+        frame, step and clip instead of projecting the tokens again (exact; `EMOAttnProcessor` uses them, any other
+        processor gets the tokens). Recompute after changing weights (LoRA, fusing).
+        """
+        modules = dict(self.named_modules())
+        key_value = {}
+        for name in self._reference_layer_names:
+            tokens = reference_features.spatial.get(name)
+            check_reference_tokens(name, tokens, modules[name])
+            key_value[name] = reference_key_value(modules[name], tokens.to(self.dtype))
+        return ReferenceFeatures(
+            spatial=reference_features.spatial, temporal=reference_features.temporal, key_value=key_value
+        )
+
+    def encode_conditioning(
+        self,
+        audio_features: torch.Tensor,
+        face_mask: torch.Tensor | None = None,
+        speed: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> dict[str, torch.Tensor | None]:
+        """Audio tokens `(B*F, T, C)`, face-locator features `(B, C, h, w)` and speed embeddings `(B, F, l)`.
+
+        They depend on the clip's inputs only, not on the noisy sample or the step: a sampler computes them once per
+        clip and passes them to `forward` as `audio_tokens=`, `face_features=`, `speed_embeddings=`.
+        `dtype`: the compute dtype (default: the model's).
+        """
+        dtype = dtype or self.dtype
+        return {
+            "audio_tokens": self.audio_proj(audio_features.to(dtype)),
+            "face_features": self.face_locator(face_mask.to(dtype)) if face_mask is not None else None,
+            "speed_embeddings": self.speed_encoder(speed.to(dtype)) if speed is not None else None,
+        }
 
     def forward(
         self,
         sample: torch.Tensor,
         timestep: torch.Tensor | float | int,
-        audio_features: torch.Tensor,
+        audio_features: torch.Tensor | None = None,
         reference_features: ReferenceFeatures | None = None,
         face_mask: torch.Tensor | None = None,
         speed: torch.Tensor | None = None,
         return_dict: bool = True,
+        *,
+        audio_tokens: torch.Tensor | None = None,
+        face_features: torch.Tensor | None = None,
+        speed_embeddings: torch.Tensor | None = None,
     ) -> UNetMotionOutput | tuple[torch.Tensor]:
         """Predict noise for a clip.
 
@@ -210,48 +272,81 @@ class EMOUNet3DConditionModel(UNetMotionModel):
             sample: `(B, 4, F, h, w)` noisy latents of the clip's F frames.
             timestep: scalar or `(B,)`.
             audio_features: `(B, F, 2m+1, L, D)` windowed wav2vec2 features; zeros mean "no audio".
-            reference_features: from the ReferenceNet: reference tokens (`spatial`) and/or the motion frames'
-                features (`temporal`, n frames).
+            reference_features: from the ReferenceNet: reference tokens (`spatial`, or their projections in
+                `key_value` from `prepare_reference`) and/or the motion frames' features (`temporal`, n frames).
             face_mask: `(B, 1, H, W)` in [0, 1] at pixel resolution (H = h * the face locator's factor).
             speed: `(B, F)` head rotation speed in rad/s.
+            audio_tokens, face_features, speed_embeddings: the same three already encoded (`encode_conditioning`),
+                in place of `audio_features`, `face_mask`, `speed`.
             Conditioning whose batch divides B is tiled along the batch (guidance stacks branches that share it).
         Returns:
             `UNetMotionOutput` with `.sample (B, 4, F, h, w)`, or a 1-tuple when `return_dict=False`.
         """
-        self._check_inputs(sample, timestep, audio_features, reference_features, face_mask, speed)
-        batch, _, frames = sample.shape[:3]
-        context = ForwardContext(
-            num_frames=frames,
-            reference=reference_features,
-            speed_embeddings=self.speed_encoder(speed) if speed is not None else None,
-            face_features=self.face_locator(face_mask) if face_mask is not None else None,
-        )
-        tokens = self.audio_proj(audio_features)  # (B*F, T, C)
-        with forward_context(context):
-            output = super().forward(sample, timestep, encoder_hidden_states=tokens, return_dict=return_dict)
-        self._check_reached(context)
+        eager = not torch.compiler.is_compiling()
+        if eager:
+            self._check_inputs(
+                sample, timestep, audio_features, reference_features, face_mask, speed, audio_tokens, face_features
+            )
+        if audio_tokens is None:
+            encoded = self.encode_conditioning(audio_features, face_mask, speed, dtype=sample.dtype)
+            audio_tokens = encoded["audio_tokens"]
+            face_features = encoded["face_features"] if face_features is None else face_features
+            speed_embeddings = encoded["speed_embeddings"] if speed_embeddings is None else speed_embeddings
+        state = self._conditioning
+        state.num_frames = sample.shape[2]
+        if reference_features is not None:
+            state.spatial = reference_features.spatial or None
+            state.key_value = reference_features.key_value or None
+            state.temporal = reference_features.temporal or None
+        state.speed_embeddings = speed_embeddings
+        state.face_features = face_features
+        state.reached = set() if eager else None
+        try:
+            output = super().forward(sample, timestep, encoder_hidden_states=audio_tokens, return_dict=return_dict)
+            if eager:
+                self._check_reached(state)
+        finally:
+            state.clear()
         return output
 
-    def _check_reached(self, context: ForwardContext) -> None:
-        """Fail loudly if conditioning was silently dropped somewhere (a replaced processor, a patched block)."""
-        reference = context.reference
-        if reference is None:
-            return
-        if reference.spatial and len(context.reached_spatial) != len(self.reference_layer_names):
-            missed = sorted(set(self.reference_layer_names) - context.reached_spatial)
-            raise RuntimeError(f"reference features did not reach {len(missed)} attn1 layers, e.g. {missed[:3]}")
-        if reference.temporal and len(context.reached_temporal) != len(self.temporal_layers):
-            missed = sorted(set(self.temporal_layers) - context.reached_temporal)
-            raise RuntimeError(f"motion-frame features did not reach {len(missed)} temporal layers, e.g. {missed[:3]}")
+    def _check_reached(self, state: ConditioningState) -> None:
+        """Fail loudly if conditioning was silently dropped somewhere (a replaced module, a removed hook).
 
-    def _check_inputs(self, sample, timestep, audio_features, reference_features, face_mask, speed) -> None:
+        Runs in eager calls only (a compiled graph has no Python bookkeeping; the same modules run in it).
+        """
+        reached = state.reached
+        expected = []
+        if state.spatial is not None or state.key_value is not None:
+            expected += self._reference_layer_names
+        if state.temporal is not None:
+            expected += self._temporal_layer_names
+        if state.face_features is not None:
+            expected.append("conv_in")
+        missed = [name for name in expected if name not in reached]
+        if missed:
+            raise RuntimeError(
+                f"conditioning did not reach {len(missed)} layers (a module replaced or a hook removed?), e.g. "
+                f"{missed[:3]}"
+            )
+
+    def _check_inputs(
+        self, sample, timestep, audio_features, reference_features, face_mask, speed, audio_tokens, face_features
+    ) -> None:
         in_channels = self.config.in_channels
         if sample.ndim != 5 or sample.shape[1] != in_channels:
             raise EMOInputError(f"sample must have shape (B, {in_channels}, F, h, w), got {tuple(sample.shape)}")
         batch, _, frames, height, width = sample.shape
         window, layers, dim = self.audio_proj.expected_feature_shape
         expected_audio = (batch, frames, window, layers, dim)
-        if tuple(audio_features.shape) != expected_audio:
+        if audio_tokens is not None:
+            if audio_tokens.ndim != 3 or audio_tokens.shape[0] != batch * frames:
+                raise EMOInputError(
+                    f"audio_tokens must have shape (B*F, T, C) with B*F = {batch * frames}, got "
+                    f"{tuple(audio_tokens.shape)}"
+                )
+        elif audio_features is None:
+            raise EMOInputError("pass audio_features (B, F, 2m+1, L, D), or audio_tokens from encode_conditioning")
+        elif tuple(audio_features.shape) != expected_audio:
             raise EMOInputError(
                 f"audio_features must have shape (B, F, 2m+1, L, D) = {expected_audio} for a sample of shape "
                 f"{tuple(sample.shape)}, got {tuple(audio_features.shape)}"
@@ -282,13 +377,19 @@ class EMOUNet3DConditionModel(UNetMotionModel):
                 )
 
 
-def _add_face_features(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
-    """conv_in forward hook: add the face locator's features to every frame of the clip."""
-    context = current_context()
-    if context is None or context.face_features is None:
-        return None
-    face = broadcast_batch(context.face_features.to(output.dtype), output.shape[0] // context.num_frames, "face_mask")
-    return output + face.repeat_interleave(context.num_frames, dim=0)
+class FaceFeaturesHook:
+    """conv_in forward hook: add the face locator's features `(B, C, h, w)` to every frame of the clip."""
+
+    def __init__(self, state: ConditioningState):
+        self.state = state
+
+    def __call__(self, module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        state = self.state
+        if state.face_features is None:
+            return None
+        face = broadcast_batch(state.face_features.to(output.dtype), output.shape[0] // state.num_frames, "face_mask")
+        state.mark("conv_in")
+        return output + face.repeat_interleave(state.num_frames, dim=0)
 
 
 def _public(config) -> dict:

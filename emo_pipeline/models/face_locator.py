@@ -45,4 +45,6 @@ class FaceLocator(ModelMixin, ConfigMixin):
             raise EMOInputError(
                 f"face_mask must have shape (B, {self.config.in_channels}, H, W), got {tuple(mask.shape)}"
             )
-        return self.conv_out(self.encoder(mask.to(self.conv_out.weight.dtype)))
+        if not mask.is_floating_point():
+            mask = mask.float()
+        return self.conv_out(self.encoder(mask))

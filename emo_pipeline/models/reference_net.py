@@ -10,16 +10,13 @@ features stay in SD's distribution.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Iterator
-
 import torch
 from diffusers import ModelMixin, UNet2DConditionModel
 from diffusers.configuration_utils import register_to_config
+from diffusers.models.attention_processor import Attention
 
 from emo_pipeline.errors import EMOInputError
-from emo_pipeline.models.attention import ReferenceCaptureAttnProcessor, ReferenceFeatures
+from emo_pipeline.models.attention import ReferenceFeatures
 from emo_pipeline.models.utils import extend_init_signature, to_like
 
 __all__ = ["ModelMixin", "ReferenceNet", "temporal_capture_points"]
@@ -51,17 +48,36 @@ def temporal_capture_points(unet: torch.nn.Module) -> dict[str, str]:
     return points
 
 
-class _StopForward(Exception):
-    """Raised after the last capture: the rest of the UNet (its output head) is not needed."""
+class _CaptureStore:
+    """Where the capture hooks write during one `ReferenceNet.forward` call (None outside a call)."""
+
+    __slots__ = ("spatial", "temporal")
+
+    def __init__(self) -> None:
+        self.spatial: dict[str, torch.Tensor] | None = None
+        self.temporal: dict[str, torch.Tensor] | None = None
 
 
-_CAPTURE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("emo_reference_capture", default=None)
+class _CaptureSpatial:
+    """Forward pre-hook of an attn1 module: record its input tokens (after norm1), whatever processor runs."""
+
+    def __init__(self, name: str, store: _CaptureStore):
+        self.name, self.store = name, store
+
+    def __call__(self, module, args: tuple, kwargs: dict) -> None:
+        if self.store.spatial is not None:  # None during gradient-checkpointing recomputation: already captured
+            self.store.spatial[self.name] = args[0] if args else kwargs["hidden_states"]
 
 
-def _capture_spatial(name: str, hidden_states: torch.Tensor) -> None:
-    store = _CAPTURE.get()
-    if store is not None:  # None during gradient-checkpointing recomputation: the forward already captured it
-        store["spatial"][name] = hidden_states
+class _CaptureTemporal:
+    """Forward hook of the 2D module whose output feeds a backbone temporal layer."""
+
+    def __init__(self, name: str, store: _CaptureStore):
+        self.name, self.store = name, store
+
+    def __call__(self, module, inputs: tuple, output) -> None:
+        if self.store.temporal is not None:
+            self.store.temporal[self.name] = output[0] if isinstance(output, tuple) else output
 
 
 class ReferenceNet(UNet2DConditionModel):
@@ -72,41 +88,24 @@ class ReferenceNet(UNet2DConditionModel):
         self.register_buffer(
             "null_context", torch.zeros(1, null_context_length, self.config.cross_attention_dim), persistent=True
         )
-        # The output head is never run (see _StopForward); dropping it keeps every parameter used, which DDP and
-        # "gradients reach every trained parameter" checks need.
-        self.conv_norm_out = self.conv_act = self.conv_out = None
-        self.set_attn_processor(
-            {
-                name: ReferenceCaptureAttnProcessor(name.removesuffix(".processor"), _capture_spatial)
-                if name.endswith("attn1.processor")
-                else processor
-                for name, processor in self.attn_processors.items()
-            }
-        )
+        # No output head: the last capture point is the last up block's output, so nothing after it is needed.
+        # Identity modules let diffusers' forward run to its end (no exception for control flow, which
+        # torch.compile cannot trace) and keep every parameter used (DDP and the trained-parameter checks need it).
+        self.conv_norm_out = None
+        self.conv_act = self.conv_out = torch.nn.Identity()
+        self._capture = _CaptureStore()
+        self._spatial_names = []
+        for name, module in self.named_modules():
+            if name.endswith(".attn1") and isinstance(module, Attention):
+                module.register_forward_pre_hook(_CaptureSpatial(name, self._capture), with_kwargs=True)
+                self._spatial_names.append(name)
         self._temporal_points = temporal_capture_points(self)  # in forward order
-        self._spatial_names = [
-            n.removesuffix(".processor") for n in self.attn_processors if n.endswith("attn1.processor")
-        ]
         modules = dict(self.named_modules())
-        last = list(self._temporal_points)[-1]  # in forward order: the last up block's last layer
         for target, source in self._temporal_points.items():
-            modules[source].register_forward_hook(self._temporal_hook(target, stop=target == last))
+            modules[source].register_forward_hook(_CaptureTemporal(target, self._capture))
 
     __init__.__signature__ = extend_init_signature(UNet2DConditionModel.__init__, null_context_length=77)
     __init__ = register_to_config(__init__)
-
-    @staticmethod
-    def _temporal_hook(target: str, stop: bool):
-        def hook(module, inputs, output):
-            store = _CAPTURE.get()
-            if store is None:
-                return None
-            store["temporal"][target] = output[0] if isinstance(output, tuple) else output
-            if stop:
-                raise _StopForward
-            return None
-
-        return hook
 
     @classmethod
     def from_unet2d(cls, unet: UNet2DConditionModel) -> ReferenceNet:
@@ -138,15 +137,6 @@ class ReferenceNet(UNet2DConditionModel):
         """Names of the attn1 modules whose inputs are captured."""
         return list(self._spatial_names)
 
-    @contextlib.contextmanager
-    def _capturing(self) -> Iterator[dict]:
-        store: dict = {"spatial": {}, "temporal": {}}
-        token = _CAPTURE.set(store)
-        try:
-            yield store
-        finally:
-            _CAPTURE.reset(token)
-
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor | float | int = 0) -> ReferenceFeatures:
         """Encode reference latents.
 
@@ -164,18 +154,22 @@ class ReferenceNet(UNet2DConditionModel):
         batch, frames = latents.shape[:2]
         if frames == 0:
             return ReferenceFeatures()
-        flat = latents.flatten(0, 1).to(self.dtype)
+        flat = latents.flatten(0, 1)
         context = self.null_context.to(flat.dtype).expand(flat.shape[0], -1, -1)
-        with self._capturing() as store:
-            try:
-                super().forward(flat, timestep, encoder_hidden_states=context, return_dict=False)
-            except _StopForward:
-                pass
-        if len(store["temporal"]) != len(self._temporal_points) or len(store["spatial"]) != len(self._spatial_names):
+        store = self._capture
+        store.spatial, store.temporal = {}, {}
+        try:
+            super().forward(flat, timestep, encoder_hidden_states=context, return_dict=False)
+            spatial, temporal = store.spatial, store.temporal
+        finally:
+            store.spatial = store.temporal = None
+        if not torch.compiler.is_compiling() and (
+            len(temporal) != len(self._temporal_points) or len(spatial) != len(self._spatial_names)
+        ):
             raise RuntimeError(
-                "ReferenceNet: not every capture point ran (an attention processor was replaced?); "
-                f"captured {len(store['spatial'])} attn1 inputs and {len(store['temporal'])} temporal features"
+                "ReferenceNet: not every capture point ran (a module replaced or a hook removed?); "
+                f"captured {len(spatial)} attn1 inputs and {len(temporal)} temporal features"
             )
-        spatial = {name: t.reshape(batch, frames * t.shape[1], t.shape[2]) for name, t in store["spatial"].items()}
-        temporal = {name: t.reshape(batch, frames, *t.shape[1:]) for name, t in store["temporal"].items()}
+        spatial = {name: t.reshape(batch, frames * t.shape[1], t.shape[2]) for name, t in spatial.items()}
+        temporal = {name: t.reshape(batch, frames, *t.shape[1:]) for name, t in temporal.items()}
         return ReferenceFeatures(spatial=spatial, temporal=temporal)

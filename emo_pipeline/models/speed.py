@@ -71,4 +71,4 @@ class SpeedEncoder(ModelMixin, ConfigMixin):
             raise EMOInputError(f"speed must have shape (B, F) in rad/s, got {tuple(speed.shape)}")
         encoding = speed_bucket_encoding(speed.float(), self.bucket_centers, self.bucket_radii)  # (B, F, d)
         windows = window_frames(encoding, self.config.window_size // 2)  # (B, F, 2m+1, d)
-        return self.mlp(windows.flatten(2).to(self.mlp[0].weight.dtype))
+        return self.mlp(windows.flatten(2).to(speed.dtype))

@@ -17,7 +17,7 @@ from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
 from torch import nn
 
 from emo_pipeline.errors import EMOInputError
-from emo_pipeline.models.attention import broadcast_batch, current_context
+from emo_pipeline.models.attention import ConditioningState, broadcast_batch
 
 __all__ = ["EMOTemporalTransformer3D", "sinusoidal_positions"]
 
@@ -34,19 +34,24 @@ class EMOTemporalTransformer3D(AnimateDiffTransformer3D):
 
     Built by upgrading diffusers' module in place (`from_animatediff`), so every hyperparameter and weight name
     stays diffusers' and AnimateDiff checkpoints load without key surgery. Conditioning comes from the backbone's
-    forward context (`emo_pipeline.models.attention`); with none it behaves exactly like the diffusers module.
+    conditioning state (`emo_pipeline.models.attention`); with none it behaves exactly like the diffusers module.
     """
 
     emo_name: str
+    _emo_state: ConditioningState
 
     @classmethod
-    def from_animatediff(cls, module: AnimateDiffTransformer3D, name: str, speed_dim: int) -> EMOTemporalTransformer3D:
+    def from_animatediff(
+        cls, module: AnimateDiffTransformer3D, name: str, speed_dim: int, state: ConditioningState | None = None
+    ) -> EMOTemporalTransformer3D:
+        """Upgrade `module` in place; it reads motion frames and speed from `state` (the backbone's)."""
         module.__class__ = cls
-        module._add_emo_layers(name, speed_dim)
+        module._add_emo_layers(name, speed_dim, state if state is not None else ConditioningState())
         return module
 
-    def _add_emo_layers(self, name: str, speed_dim: int) -> None:
+    def _add_emo_layers(self, name: str, speed_dim: int, state: ConditioningState) -> None:
         self.emo_name = name
+        self._emo_state = state
         inner_dim = self.num_attention_heads * self.attention_head_dim
         self.speed_norms = nn.ModuleList(nn.LayerNorm(inner_dim) for _ in self.transformer_blocks)
         self.speed_attentions = nn.ModuleList(
@@ -84,9 +89,9 @@ class EMOTemporalTransformer3D(AnimateDiffTransformer3D):
     ) -> torch.Tensor:
         batch_frames, channels, height, width = hidden_states.shape
         batch = batch_frames // num_frames
-        context = current_context()
-        motion = self._motion_features(context, batch, channels, height, width)
-        speed = context.speed_embeddings if context is not None else None
+        state = self._emo_state
+        motion = self._motion_features(state, batch, channels, height, width)
+        speed = state.speed_embeddings
         num_motion = 0 if motion is None else motion.shape[1]
         total = num_motion + num_frames
         if self.max_seq_length is not None and total > self.max_seq_length:
@@ -123,10 +128,10 @@ class EMOTemporalTransformer3D(AnimateDiffTransformer3D):
         states = states.permute(0, 3, 4, 1, 2).reshape(batch_frames, channels, height, width)
         return states + residual
 
-    def _motion_features(self, context, batch: int, channels: int, height: int, width: int) -> torch.Tensor | None:
-        if context is None or context.reference is None or not context.reference.temporal:
+    def _motion_features(self, state, batch: int, channels: int, height: int, width: int) -> torch.Tensor | None:
+        if state.temporal is None:
             return None
-        motion = context.reference.temporal.get(self.emo_name)
+        motion = state.temporal.get(self.emo_name)
         if motion is None:
             raise EMOInputError(
                 f"reference_features.temporal has no entry for temporal layer {self.emo_name!r}; motion-frame "
@@ -137,7 +142,7 @@ class EMOTemporalTransformer3D(AnimateDiffTransformer3D):
                 f"reference_features.temporal[{self.emo_name!r}] must have shape (B, n, {channels}, {height}, "
                 f"{width}), got {tuple(motion.shape)}"
             )
-        context.reached_temporal.add(self.emo_name)
+        state.mark(self.emo_name)
         return broadcast_batch(motion, batch, self.emo_name)
 
     @staticmethod
