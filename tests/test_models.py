@@ -202,6 +202,56 @@ def test_batch_one_conditioning_is_tiled_for_guidance_batches(models):
 
 
 @torch.no_grad()
+def test_temporal_layer_equals_diffusers_animatediff_on_motion_then_clip_frames():
+    """One temporal layer with n motion frames == diffusers' AnimateDiffTransformer3D on cat([motion, clip]) along
+    the frame axis, its output sliced to the clip's frames (order and slicing matter)."""
+    import copy
+
+    from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
+
+    from emo_pipeline.models.attention import ConditioningState
+    from emo_pipeline.models.temporal import EMOTemporalTransformer3D
+
+    torch.manual_seed(0)
+    reference = AnimateDiffTransformer3D(
+        num_attention_heads=2, attention_head_dim=8, in_channels=16, norm_num_groups=4,
+        positional_embeddings="sinusoidal", num_positional_embeddings=16,
+    ).eval()  # fmt: skip
+    for parameter in reference.parameters():  # diffusers zero-initialises nothing here, but be sure all weights act
+        torch.nn.init.normal_(parameter, std=0.2)
+    state = ConditioningState()
+    layer = EMOTemporalTransformer3D.from_animatediff(copy.deepcopy(reference), "layer", speed_dim=8, state=state)
+    batch, frames, motion_frames, channels, size = 2, 3, 2, 16, 4
+    clip = torch.randn(batch * frames, channels, size, size)
+    motion = torch.randn(batch, motion_frames, channels, size, size)
+    state.temporal = {"layer": motion}
+    ours = layer(clip, num_frames=frames)
+    state.clear()
+    joined = torch.cat([motion, clip.reshape(batch, frames, channels, size, size)], dim=1)
+    theirs = reference(joined.flatten(0, 1), num_frames=motion_frames + frames)
+    theirs = theirs.reshape(batch, motion_frames + frames, channels, size, size)[:, motion_frames:].flatten(0, 1)
+    assert (ours - theirs).abs().max() < 1e-5
+    # without motion frames it is diffusers' layer exactly
+    assert torch.equal(layer(clip, num_frames=frames), reference(clip, num_frames=frames))
+
+
+@torch.no_grad()
+def test_audio_of_frame_f_moves_only_frame_f():
+    """With the temporal layers zeroed, frames are independent: perturbing `audio_features[b, f]` changes only
+    `out[b, :, f]` (the audio tokens are laid out per frame in the order the backbone's frames are)."""
+    _, backbone = tiny_emo_models()  # zero-initialised temporal output projections: no mixing across frames
+    x = inputs()
+    base = run(backbone, x)
+    for b, f in ((0, 1), (1, 2)):
+        audio = x["audio_features"].clone()
+        audio[b, f] += 1.0
+        changed = (run(backbone, dict(x, audio_features=audio)) - base).abs().amax(dim=(1, 3, 4))  # (B, F)
+        assert changed[b, f] > 1e-4
+        changed[b, f] = 0
+        assert changed.max() < 1e-6, (b, f)
+
+
+@torch.no_grad()
 def test_motion_frames_output_keeps_clip_length_and_positional_table_is_checked():
     reference_net, backbone = tiny_emo_models(motion_max_seq_length=8)
     randomize_zero_initialized_layers(backbone)
