@@ -401,6 +401,14 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         )
         return pipe
 
+    def set_use_memory_efficient_attention_xformers(self, valid: bool, attention_op: Callable | None = None) -> None:
+        """diffusers' pipeline switch (`enable_`/`disable_xformers_memory_efficient_attention`); turning it off puts
+        EMO's processor (cached reference keys/values) back on the backbone's attn1 layers, which diffusers' walk
+        over every child module would otherwise leave on the plain default."""
+        super().set_use_memory_efficient_attention_xformers(valid, attention_op)
+        if not valid:
+            self.unet._install_emo_processors()
+
     def compile(self, mode: str | None = None, dynamic: bool = False, **compile_kwargs) -> None:
         """`torch.compile` the backbone and the ReferenceNet in place (`fullgraph=True`: neither has a graph break).
 

@@ -107,6 +107,9 @@ def test_pipeline_level_slicing_reaches_both_networks_and_turns_off_cleanly():
     pipe.disable_attention_slicing()
     assert _processor_types(pipe.unet, "attn1.processor") == {EMOAttnProcessor}
     assert _processor_types(pipe.reference_net, "attn1.processor") == {AttnProcessor2_0}
+    pipe.unet.set_attn_processor(AttnProcessor())
+    pipe.disable_xformers_memory_efficient_attention()  # needs no xformers; diffusers walks every child module
+    assert _processor_types(pipe.unet, "attn1.processor") == {EMOAttnProcessor}
 
 
 def test_fused_qkv_projections_restore_the_previous_processors(setup, expected):
