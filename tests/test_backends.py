@@ -197,3 +197,24 @@ def test_layerwise_casting_float8_storage_bf16_compute(setup, expected):
     noise = denoise(backbone, bf16, reference)
     assert noise.dtype == torch.bfloat16 and torch.isfinite(noise).all()
     assert next(backbone.conv_in.parameters()).dtype == torch.float8_e4m3fn  # still stored in float8
+
+
+def test_clip_encoders_onload_the_backbone_under_model_offload(setup, expected):
+    """`encode_conditioning` / `prepare_reference` are not `forward`: like the VAE's `encode`, they must call the
+    offload hook (what `enable_model_cpu_offload` installs as `_hf_hook`) so the weights are on the device first."""
+    _, backbone, x, *_ = setup
+    reference, _ = expected
+    calls = []
+
+    class OffloadHook:  # accelerate's CpuOffload interface
+        def pre_forward(self, module, *args, **kwargs):
+            calls.append(module)
+            return args, kwargs
+
+    backbone._hf_hook = OffloadHook()
+    try:
+        backbone.encode_conditioning(x["audio_features"], x["face_mask"], x["speed"])
+        backbone.prepare_reference(reference)
+    finally:
+        del backbone._hf_hook
+    assert calls == [backbone, backbone]

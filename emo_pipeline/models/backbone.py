@@ -22,6 +22,7 @@ from diffusers import ModelMixin, MotionAdapter, UNet2DConditionModel, UNetMotio
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D, UNetMotionOutput
+from diffusers.utils.accelerate_utils import apply_forward_hook
 
 from emo_pipeline.errors import EMOInputError
 from emo_pipeline.models.attention import (
@@ -215,6 +216,7 @@ class EMOUNet3DConditionModel(UNetMotionModel):
     # ---------------------------------------------------------------------------------------------- forward
 
     @torch.no_grad()
+    @apply_forward_hook  # under model CPU offload, onload the backbone as its forward would
     def prepare_reference(self, reference_features: ReferenceFeatures) -> ReferenceFeatures:
         """The reference features with every attn1 layer's reference keys/values projected once (inference).
 
@@ -232,6 +234,7 @@ class EMOUNet3DConditionModel(UNetMotionModel):
             spatial=reference_features.spatial, temporal=reference_features.temporal, key_value=key_value
         )
 
+    @apply_forward_hook
     def encode_conditioning(
         self,
         audio_features: torch.Tensor,
