@@ -339,16 +339,21 @@ def _first_group_norm(audio_encoder: Wav2Vec2Model) -> tuple[Any, Any] | None:
 
 
 def _global_group_norm_stats(
-    conv: Any, norm: Any, input_values: np.ndarray, steps_per_block: int, device: Any, dtype: Any
+    conv: Any, norm: Any, input_values: np.ndarray, steps_per_block: int, dtype: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group mean and variance of the first conv layer's output over the whole input, in bounded blocks.
 
     wav2vec2-base's first GroupNorm normalises each channel over the whole sequence, so a window alone would see
     different statistics than a one-shot pass; these whole-input statistics make the windows agree with it.
-    Blocks are merged with Chan et al.'s parallel variance formula in float64. Returns `(G,)` mean and variance.
+    Blocks are merged with Chan et al.'s parallel variance formula in float64. Returns `(G,)` mean and variance on
+    the device the conv ran on (read now: under offloading it is its hook's device, not where its weights are
+    parked); the GroupNorm hook moves them to wherever the encoder's forward then runs.
     """
     import torch
 
+    from emo_pipeline.devices import compute_device
+
+    device = compute_device(conv)
     kernel, stride = conv.kernel_size[0], conv.stride[0]
     total_steps = (input_values.size - kernel) // stride + 1
     groups = norm.num_groups
@@ -375,13 +380,21 @@ def _fixed_group_norm_hook(mean: torch.Tensor, variance: torch.Tensor) -> Any:
     """Forward hook that redoes a GroupNorm with given per-group statistics instead of the window's own."""
     import torch
 
+    from emo_pipeline.devices import offloaded_tensor
+
     def hook(module: Any, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+        # Everything on the device this call ran on, read now (offloading may have moved the encoder since the
+        # statistics were gathered), and the affine weights from the offload hook if it parked them on "meta".
         hidden = inputs[0]
         batch, channels, steps = hidden.shape
         grouped = hidden.reshape(batch, module.num_groups, -1).double()
-        normalised = (grouped - mean[None, :, None]) / torch.sqrt(variance[None, :, None] + module.eps)
+        group_mean = mean.to(hidden.device)[None, :, None]
+        group_variance = variance.to(hidden.device)[None, :, None]
+        normalised = (grouped - group_mean) / torch.sqrt(group_variance + module.eps)
         normalised = normalised.reshape(batch, channels, steps).to(hidden.dtype)
-        return normalised * module.weight[None, :, None] + module.bias[None, :, None]
+        weight = offloaded_tensor(module, "weight").to(hidden.device, hidden.dtype)
+        bias = offloaded_tensor(module, "bias").to(hidden.device, hidden.dtype)
+        return normalised * weight[None, :, None] + bias[None, :, None]
 
     return hook
 
@@ -419,13 +432,16 @@ def iter_audio_features(
         sample_rate: rate of `audio` in Hz; must match the feature extractor's.
 
     Yields:
-        `(F_chunk, L, D)` tensors on the encoder's device and dtype, consecutive in time. Frame i takes wav2vec2's
+        `(F_chunk, L, D)` tensors on the device the encoder ran on (under CPU/group offloading: its execution device)
+        and its dtype, consecutive in time. Frame i takes wav2vec2's
         50 Hz hidden states linearly interpolated at the frame's centre time `(i + 0.5) / fps`, each wav2vec2 step
         placed at the centre of its receptive field. Each chunk runs the encoder on at most
         `chunk_seconds + 2 * context_seconds` (+ one receptive field) of audio, so peak memory does not grow with
         the audio length.
     """
     import torch
+
+    from emo_pipeline.devices import compute_device
 
     audio = np.asarray(audio)
     if audio.ndim != 1 or audio.dtype.kind != "f":
@@ -464,8 +480,7 @@ def iter_audio_features(
 
     frames_per_chunk = max(1, round(chunk_seconds * float(fps_value)))
     context_steps = math.ceil(context_seconds * sample_rate / stride)
-    parameter = next(audio_encoder.parameters())
-    device, dtype = parameter.device, parameter.dtype
+    dtype = next(audio_encoder.parameters()).dtype
 
     group_norm = _first_group_norm(audio_encoder)
     norm_stats = None
@@ -482,13 +497,16 @@ def iter_audio_features(
             sample_lo = window_lo * stride
             # The last window runs to the end of the input, so a window that spans everything is the one-shot pass.
             sample_hi = num_samples if window_hi == num_steps - 1 else window_hi * stride + receptive_field
+            # The device is read at every call, never cached: under model/sequential/group offloading the encoder's
+            # weights are parked (on the CPU or "meta") and its offload hook moves the work to its execution device.
+            device = compute_device(audio_encoder)
             window = torch.from_numpy(input_values[sample_lo:sample_hi]).to(device=device, dtype=dtype)[None]
             # The hook lives only for this call, never across a yield: other users of the encoder are unaffected.
             handle = None
             if group_norm is not None and (sample_lo > 0 or sample_hi < num_samples):
                 if norm_stats is None:  # first window that is not the whole input: gather whole-input statistics
                     steps_per_block = max(1, math.ceil(window.shape[-1] / group_norm[0].stride[0]))
-                    norm_stats = _global_group_norm_stats(*group_norm, input_values, steps_per_block, device, dtype)
+                    norm_stats = _global_group_norm_stats(*group_norm, input_values, steps_per_block, dtype)
                 handle = group_norm[1].register_forward_hook(_fixed_group_norm_hook(*norm_stats))
             try:
                 output = audio_encoder(window, output_hidden_states=True, return_dict=True)
@@ -501,7 +519,7 @@ def iter_audio_features(
             if hidden.shape[1] != expected:  # pragma: no cover - guards the geometry arithmetic above
                 raise RuntimeError(f"wav2vec2 returned {hidden.shape[1]} steps for a window of {expected}")
 
-            local = torch.from_numpy(chunk_positions - window_lo).to(device=device)
+            local = torch.from_numpy(chunk_positions - window_lo).to(device=hidden.device)  # where they came out
             lower = local.floor().long().clamp(0, expected - 1)
             upper = (lower + 1).clamp(max=expected - 1)
             weight = (local - lower).to(dtype)[None, :, None]

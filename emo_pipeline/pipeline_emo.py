@@ -670,7 +670,18 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             num_clips=math.ceil(num_frames / settings.num_frames_per_clip),
             speed=self._speed_per_frame(settings.speed, num_frames),
         )
-        return self._generate(plan, settings)
+        return self._free_model_hooks_after(self._generate(plan, settings))
+
+    def _free_model_hooks_after(self, clips: Iterator) -> Iterator:
+        """Yield from the clip loop, then `maybe_free_model_hooks()` as diffusers' pipelines end their `__call__`.
+
+        Under `enable_model_cpu_offload` that parks every model on the CPU again and resets the offload hooks. It
+        also runs when the consumer stops early (`close()`, or the iterator dropped) and when generation fails.
+        """
+        try:
+            yield from clips
+        finally:
+            self.maybe_free_model_hooks()
 
     @torch.no_grad()
     def _generate(self, plan: _Plan, settings: GenerationSettings) -> Iterator:
