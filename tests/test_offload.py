@@ -58,7 +58,7 @@ def sequential_cpu_offload(pipe):
     diffusers turns device="cpu" into "cpu:0", with which accelerate 1.x's hooks fail on the first call (its
     `set_module_tensor_to_device` rebuilds a parameter from a plain tensor); on CUDA the index is harmless.
     """
-    for name, component in pipe.components.items():
+    for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             cpu_offload(component, torch.device("cpu"), offload_buffers=len(component._parameters) > 0)
 
