@@ -23,7 +23,6 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D, UNetMotionOutput
 
-from emo_pipeline.devices import compute_device
 from emo_pipeline.errors import EMOInputError
 from emo_pipeline.models.attention import (
     ConditioningState,
@@ -228,11 +227,7 @@ class EMOUNet3DConditionModel(UNetMotionModel):
         for name in self._reference_layer_names:
             tokens = reference_features.spatial.get(name)
             check_reference_tokens(name, tokens, modules[name])
-            # Called outside `forward`, so no model-offload hook has moved this model: project where the layer's
-            # weights compute now (see `emo_pipeline.devices`) and hand the result back on the tokens' device.
-            device = compute_device(modules[name])
-            key, value = reference_key_value(modules[name], tokens.to(device=device, dtype=self.dtype))
-            key_value[name] = (key.to(tokens.device), value.to(tokens.device))
+            key_value[name] = reference_key_value(modules[name], tokens.to(self.dtype))
         return ReferenceFeatures(
             spatial=reference_features.spatial, temporal=reference_features.temporal, key_value=key_value
         )
@@ -251,20 +246,10 @@ class EMOUNet3DConditionModel(UNetMotionModel):
         `dtype`: the compute dtype (default: the model's).
         """
         dtype = dtype or self.dtype
-
-        def run(module: torch.nn.Module, inputs: torch.Tensor | None) -> torch.Tensor | None:
-            # Called outside `forward` (no model-offload hook moved this model): compute where the submodule's
-            # weights compute now, return on the inputs' device.
-            if inputs is None:
-                return None
-            if torch.compiler.is_compiling():  # inside a compiled forward: the model is where it runs
-                return module(inputs.to(dtype))
-            return module(inputs.to(device=compute_device(module), dtype=dtype)).to(inputs.device)
-
         return {
-            "audio_tokens": run(self.audio_proj, audio_features),
-            "face_features": run(self.face_locator, face_mask),
-            "speed_embeddings": run(self.speed_encoder, speed),
+            "audio_tokens": self.audio_proj(audio_features.to(dtype)),
+            "face_features": self.face_locator(face_mask.to(dtype)) if face_mask is not None else None,
+            "speed_embeddings": self.speed_encoder(speed.to(dtype)) if speed is not None else None,
         }
 
     def forward(
