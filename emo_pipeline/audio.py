@@ -338,41 +338,65 @@ def _first_group_norm(audio_encoder: Wav2Vec2Model) -> tuple[Any, Any] | None:
     return None
 
 
+class _FirstConvOutput(Exception):
+    """Raised by a forward hook to stop wav2vec2's forward right after its first conv, carrying that conv's output."""
+
+    def __init__(self, output: torch.Tensor):
+        super().__init__("wav2vec2 stopped after its first conv")
+        self.output = output
+
+
+def _stop_after(module: Any, inputs: tuple, output: torch.Tensor) -> None:
+    raise _FirstConvOutput(output)
+
+
 def _global_group_norm_stats(
-    conv: Any, norm: Any, input_values: np.ndarray, steps_per_block: int, dtype: Any
+    audio_encoder: Wav2Vec2Model, conv: Any, norm: Any, input_values: np.ndarray, steps_per_block: int, dtype: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group mean and variance of the first conv layer's output over the whole input, in bounded blocks.
 
     wav2vec2-base's first GroupNorm normalises each channel over the whole sequence, so a window alone would see
     different statistics than a one-shot pass; these whole-input statistics make the windows agree with it.
-    Blocks are merged with Chan et al.'s parallel variance formula in float64. Returns `(G,)` mean and variance on
-    the device the conv ran on (read now: under offloading it is its hook's device, not where its weights are
-    parked); the GroupNorm hook moves them to wherever the encoder's forward then runs.
+    Blocks are merged with Chan et al.'s parallel variance formula in float64.
+
+    Each block goes through the encoder's own forward, stopped by a hook as soon as the first conv has run: calling
+    the conv directly would bypass the offload hooks that load the weights (model CPU offload parks them on the CPU,
+    group offloading hooks only the top-level model and may park them as empty placeholders on disk). The device is
+    read now. Returns `(G,)` mean and variance on it; the GroupNorm hook moves them to wherever the encoder's
+    forward then runs.
     """
     import torch
 
     from emo_pipeline.devices import compute_device
 
-    device = compute_device(conv)
+    device = compute_device(audio_encoder)
     kernel, stride = conv.kernel_size[0], conv.stride[0]
     total_steps = (input_values.size - kernel) // stride + 1
     groups = norm.num_groups
     count = 0
     mean = torch.zeros(groups, dtype=torch.float64, device=device)
     m2 = torch.zeros(groups, dtype=torch.float64, device=device)
-    for first in range(0, total_steps, steps_per_block):
-        last = min(first + steps_per_block, total_steps)
-        block = torch.from_numpy(input_values[first * stride : (last - 1) * stride + kernel])
-        output = conv(block.to(device=device, dtype=dtype)[None, None])[0].double()  # (C, steps)
-        output = output.reshape(groups, -1)
-        block_count = output.shape[1]
-        block_mean = output.mean(dim=1)
-        block_m2 = (output - block_mean[:, None]).pow(2).sum(dim=1)
-        delta = block_mean - mean
-        new_count = count + block_count
-        mean = mean + delta * (block_count / new_count)
-        m2 = m2 + block_m2 + delta.pow(2) * (count * block_count / new_count)
-        count = new_count
+    handle = conv.register_forward_hook(_stop_after)
+    try:
+        for first in range(0, total_steps, steps_per_block):
+            last = min(first + steps_per_block, total_steps)
+            block = torch.from_numpy(input_values[first * stride : (last - 1) * stride + kernel])
+            try:
+                audio_encoder(block.to(device=device, dtype=dtype)[None])
+            except _FirstConvOutput as stopped:
+                output = stopped.output[0].to(device).double().reshape(groups, -1)  # the conv's (C, steps), grouped
+            else:  # pragma: no cover - a wav2vec2 whose forward skips its feature encoder
+                raise RuntimeError("wav2vec2's first conv did not run in its forward")
+            block_count = output.shape[1]
+            block_mean = output.mean(dim=1)
+            block_m2 = (output - block_mean[:, None]).pow(2).sum(dim=1)
+            delta = block_mean - mean
+            new_count = count + block_count
+            mean = mean + delta * (block_count / new_count)
+            m2 = m2 + block_m2 + delta.pow(2) * (count * block_count / new_count)
+            count = new_count
+    finally:
+        handle.remove()
     return mean, m2 / count
 
 
@@ -506,7 +530,9 @@ def iter_audio_features(
             if group_norm is not None and (sample_lo > 0 or sample_hi < num_samples):
                 if norm_stats is None:  # first window that is not the whole input: gather whole-input statistics
                     steps_per_block = max(1, math.ceil(window.shape[-1] / group_norm[0].stride[0]))
-                    norm_stats = _global_group_norm_stats(*group_norm, input_values, steps_per_block, dtype)
+                    norm_stats = _global_group_norm_stats(
+                        audio_encoder, *group_norm, input_values, steps_per_block, dtype
+                    )
                 handle = group_norm[1].register_forward_hook(_fixed_group_norm_hook(*norm_stats))
             try:
                 output = audio_encoder(window, output_hidden_states=True, return_dict=True)

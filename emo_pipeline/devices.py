@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["compute_device", "offloaded_tensor"]
+__all__ = ["compute_device", "has_offload_hooks", "offloaded_tensor"]
 
 
 def _accelerate_hooks(module: torch.nn.Module) -> list:
@@ -60,3 +60,17 @@ def offloaded_tensor(module: torch.nn.Module, name: str) -> torch.Tensor:
         if weights_map is not None and name in weights_map:
             return weights_map[name]
     raise RuntimeError(f"{type(module).__name__}.{name} is on the meta device and no offload hook holds its data")
+
+
+def has_offload_hooks(module: torch.nn.Module) -> bool:
+    """Whether an offload hook (accelerate's model or sequential CPU offload, diffusers' group offloading) manages
+    `module` or one of its submodules: then its weights are only guaranteed present inside its hooked forwards."""
+    for submodule in module.modules():
+        if _accelerate_hooks(submodule):
+            return True
+        registry = getattr(submodule, "_diffusers_hook", None)
+        if registry is not None and any(
+            registry.get_hook(name) is not None for name in ("group_offloading", "lazy_prefetch_group_offloading")
+        ):
+            return True
+    return False

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate import cpu_offload
+from diffusers.hooks import apply_group_offloading
 
 from emo_pipeline.audio import extract_audio_features
 from emo_pipeline.devices import compute_device
@@ -102,6 +103,29 @@ def test_group_offload_gives_the_same_frames(plain_frames, offload_type):
     np.testing.assert_allclose(frames, plain_frames, atol=1e-5, rtol=0)
 
 
+def group_offload_to_disk(module, folder, offload_type="block_level"):
+    """Group offloading to disk: parked weights are uninitialised placeholders until a hooked forward loads them,
+    so a layer called directly (bypassing its group's hook) computes garbage. One folder per component: with one
+    shared folder diffusers mixes up groups of the same name in the ReferenceNet and the backbone."""
+    cpu = torch.device("cpu")
+    kwargs = {"onload_device": cpu, "offload_device": cpu, "offload_type": offload_type, "num_blocks_per_group": 1}
+    if hasattr(module, "enable_group_offload"):
+        module.enable_group_offload(**kwargs, offload_to_disk_path=str(folder))
+    else:
+        apply_group_offloading(module, **kwargs, offload_to_disk_path=str(folder))
+
+
+def test_block_level_group_offload_to_disk_gives_the_same_frames(plain_frames, tmp_path):
+    """The backbone's per-video and per-clip precomputation (reference keys/values, audio tokens) calls its layers
+    directly; under this offload it must happen inside the hooked forward."""
+    pipe = make_pipe()
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module):
+            group_offload_to_disk(component, tmp_path / name)
+    frames = pipe(IMAGE, AUDIO, **settings()).frames
+    np.testing.assert_allclose(frames, plain_frames, atol=1e-5, rtol=0)
+
+
 def test_long_audio_features_under_sequential_offload_read_the_device_at_call_time():
     """Windows shorter than the audio take the whole-input GroupNorm statistics path (its first conv called
     directly, its GroupNorm redone in a hook) while every weight of the encoder is parked on "meta"."""
@@ -113,6 +137,18 @@ def test_long_audio_features_under_sequential_offload_read_the_device_at_call_ti
     assert next(model.parameters()).is_meta and compute_device(model) == torch.device("cpu")
     features = extract_audio_features(audio, model, extractor, **kwargs)
     assert features.device == torch.device("cpu") and features.shape == expected.shape
+    torch.testing.assert_close(features, expected, atol=1e-5, rtol=0)
+
+
+def test_long_audio_features_under_block_level_disk_offload(tmp_path):
+    """The whole-input GroupNorm statistics run wav2vec2's first conv layer outside the encoder's forward: through
+    the layer's own (hooked) forward, so its group's weights are loaded."""
+    audio = (np.random.default_rng(1).standard_normal(16000) * 0.1).astype(np.float32)
+    model, extractor = tiny_wav2vec2()
+    kwargs = {"fps": 25, "chunk_seconds": 0.2, "context_seconds": 0.1}
+    expected = extract_audio_features(audio, model, extractor, **kwargs)
+    group_offload_to_disk(model, tmp_path)
+    features = extract_audio_features(audio, model, extractor, **kwargs)
     torch.testing.assert_close(features, expected, atol=1e-5, rtol=0)
 
 
