@@ -567,7 +567,7 @@ def extract_audio_features(
     """wav2vec2 hidden states per video frame, `(F, L, D)`: `torch.cat` of `iter_audio_features` (same arguments).
 
     F = `num_frames` or `num_video_frames(len(audio), sample_rate, fps)`; L = number of chosen layers (default
-    `config.num_hidden_layers`); D = `config.hidden_size`. On the encoder's device and dtype.
+    `config.num_hidden_layers`); D = `config.hidden_size`. On the device the encoder ran on, in its dtype.
     """
     import torch
 

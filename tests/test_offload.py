@@ -1,10 +1,11 @@
 """Offloading: model, sequential and group offload give the plain pipeline's frames.
 
-These run on the CPU, with the CPU as the "accelerator". That still exercises what breaks offloading: under
-sequential offload (accelerate's `cpu_offload`) every weight sits on the "meta" device between calls and only an
-offload hook gives it data, so any device read outside a forward (the audio encoder's, the GroupNorm statistics'
-weights) fails here as it does on CUDA. What needs a real accelerator (a CPU-parked model next to CUDA inputs under
-model or block-level group offload, CUDA streams) is not exercised here.
+These run on the CPU, with the CPU as the "accelerator". Two offload forms still show on a CPU what breaks on CUDA:
+sequential offload (accelerate's `cpu_offload`) parks every weight on the "meta" device between calls, so a device
+read outside a forward fails; block-level group offloading to disk parks weights as uninitialised placeholders that
+only a hooked forward loads, so a layer called directly computes garbage (on CUDA, model or block-level offload would
+give a CPU weight next to CUDA inputs there instead). Not exercised without an accelerator: real transfers, CUDA
+streams (`use_stream=True`), and the CPU-parked-model vs CUDA-input mismatch itself.
 """
 
 import os
