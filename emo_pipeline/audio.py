@@ -338,36 +338,65 @@ def _first_group_norm(audio_encoder: Wav2Vec2Model) -> tuple[Any, Any] | None:
     return None
 
 
+class _FirstConvOutput(Exception):
+    """Raised by a forward hook to stop wav2vec2's forward right after its first conv, carrying that conv's output."""
+
+    def __init__(self, output: torch.Tensor):
+        super().__init__("wav2vec2 stopped after its first conv")
+        self.output = output
+
+
+def _stop_after(module: Any, inputs: tuple, output: torch.Tensor) -> None:
+    raise _FirstConvOutput(output)
+
+
 def _global_group_norm_stats(
-    conv: Any, norm: Any, input_values: np.ndarray, steps_per_block: int, device: Any, dtype: Any
+    audio_encoder: Wav2Vec2Model, conv: Any, norm: Any, input_values: np.ndarray, steps_per_block: int, dtype: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group mean and variance of the first conv layer's output over the whole input, in bounded blocks.
 
     wav2vec2-base's first GroupNorm normalises each channel over the whole sequence, so a window alone would see
     different statistics than a one-shot pass; these whole-input statistics make the windows agree with it.
-    Blocks are merged with Chan et al.'s parallel variance formula in float64. Returns `(G,)` mean and variance.
+    Blocks are merged with Chan et al.'s parallel variance formula in float64.
+
+    Each block goes through the encoder's own forward, stopped by a hook as soon as the first conv has run: calling
+    the conv directly would bypass the offload hooks that load the weights (model CPU offload parks them on the CPU,
+    group offloading hooks only the top-level model and may park them as empty placeholders on disk). The device is
+    read now. Returns `(G,)` mean and variance on it; the GroupNorm hook moves them to wherever the encoder's
+    forward then runs.
     """
     import torch
 
+    from emo_pipeline.devices import compute_device
+
+    device = compute_device(audio_encoder)
     kernel, stride = conv.kernel_size[0], conv.stride[0]
     total_steps = (input_values.size - kernel) // stride + 1
     groups = norm.num_groups
     count = 0
     mean = torch.zeros(groups, dtype=torch.float64, device=device)
     m2 = torch.zeros(groups, dtype=torch.float64, device=device)
-    for first in range(0, total_steps, steps_per_block):
-        last = min(first + steps_per_block, total_steps)
-        block = torch.from_numpy(input_values[first * stride : (last - 1) * stride + kernel])
-        output = conv(block.to(device=device, dtype=dtype)[None, None])[0].double()  # (C, steps)
-        output = output.reshape(groups, -1)
-        block_count = output.shape[1]
-        block_mean = output.mean(dim=1)
-        block_m2 = (output - block_mean[:, None]).pow(2).sum(dim=1)
-        delta = block_mean - mean
-        new_count = count + block_count
-        mean = mean + delta * (block_count / new_count)
-        m2 = m2 + block_m2 + delta.pow(2) * (count * block_count / new_count)
-        count = new_count
+    handle = conv.register_forward_hook(_stop_after)
+    try:
+        for first in range(0, total_steps, steps_per_block):
+            last = min(first + steps_per_block, total_steps)
+            block = torch.from_numpy(input_values[first * stride : (last - 1) * stride + kernel])
+            try:
+                audio_encoder(block.to(device=device, dtype=dtype)[None])
+            except _FirstConvOutput as stopped:
+                output = stopped.output[0].to(device).double().reshape(groups, -1)  # the conv's (C, steps), grouped
+            else:  # pragma: no cover - a wav2vec2 whose forward skips its feature encoder
+                raise RuntimeError("wav2vec2's first conv did not run in its forward")
+            block_count = output.shape[1]
+            block_mean = output.mean(dim=1)
+            block_m2 = (output - block_mean[:, None]).pow(2).sum(dim=1)
+            delta = block_mean - mean
+            new_count = count + block_count
+            mean = mean + delta * (block_count / new_count)
+            m2 = m2 + block_m2 + delta.pow(2) * (count * block_count / new_count)
+            count = new_count
+    finally:
+        handle.remove()
     return mean, m2 / count
 
 
@@ -375,13 +404,21 @@ def _fixed_group_norm_hook(mean: torch.Tensor, variance: torch.Tensor) -> Any:
     """Forward hook that redoes a GroupNorm with given per-group statistics instead of the window's own."""
     import torch
 
+    from emo_pipeline.devices import offloaded_tensor
+
     def hook(module: Any, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+        # Everything on the device this call ran on, read now (offloading may have moved the encoder since the
+        # statistics were gathered), and the affine weights from the offload hook if it parked them on "meta".
         hidden = inputs[0]
         batch, channels, steps = hidden.shape
         grouped = hidden.reshape(batch, module.num_groups, -1).double()
-        normalised = (grouped - mean[None, :, None]) / torch.sqrt(variance[None, :, None] + module.eps)
+        group_mean = mean.to(hidden.device)[None, :, None]
+        group_variance = variance.to(hidden.device)[None, :, None]
+        normalised = (grouped - group_mean) / torch.sqrt(group_variance + module.eps)
         normalised = normalised.reshape(batch, channels, steps).to(hidden.dtype)
-        return normalised * module.weight[None, :, None] + module.bias[None, :, None]
+        weight = offloaded_tensor(module, "weight").to(hidden.device, hidden.dtype)
+        bias = offloaded_tensor(module, "bias").to(hidden.device, hidden.dtype)
+        return normalised * weight[None, :, None] + bias[None, :, None]
 
     return hook
 
@@ -419,13 +456,16 @@ def iter_audio_features(
         sample_rate: rate of `audio` in Hz; must match the feature extractor's.
 
     Yields:
-        `(F_chunk, L, D)` tensors on the encoder's device and dtype, consecutive in time. Frame i takes wav2vec2's
+        `(F_chunk, L, D)` tensors on the device the encoder ran on (under CPU/group offloading: its execution device)
+        and its dtype, consecutive in time. Frame i takes wav2vec2's
         50 Hz hidden states linearly interpolated at the frame's centre time `(i + 0.5) / fps`, each wav2vec2 step
         placed at the centre of its receptive field. Each chunk runs the encoder on at most
         `chunk_seconds + 2 * context_seconds` (+ one receptive field) of audio, so peak memory does not grow with
         the audio length.
     """
     import torch
+
+    from emo_pipeline.devices import compute_device
 
     audio = np.asarray(audio)
     if audio.ndim != 1 or audio.dtype.kind != "f":
@@ -464,8 +504,7 @@ def iter_audio_features(
 
     frames_per_chunk = max(1, round(chunk_seconds * float(fps_value)))
     context_steps = math.ceil(context_seconds * sample_rate / stride)
-    parameter = next(audio_encoder.parameters())
-    device, dtype = parameter.device, parameter.dtype
+    dtype = next(audio_encoder.parameters()).dtype
 
     group_norm = _first_group_norm(audio_encoder)
     norm_stats = None
@@ -482,13 +521,18 @@ def iter_audio_features(
             sample_lo = window_lo * stride
             # The last window runs to the end of the input, so a window that spans everything is the one-shot pass.
             sample_hi = num_samples if window_hi == num_steps - 1 else window_hi * stride + receptive_field
+            # The device is read at every call, never cached: under model/sequential/group offloading the encoder's
+            # weights are parked (on the CPU or "meta") and its offload hook moves the work to its execution device.
+            device = compute_device(audio_encoder)
             window = torch.from_numpy(input_values[sample_lo:sample_hi]).to(device=device, dtype=dtype)[None]
             # The hook lives only for this call, never across a yield: other users of the encoder are unaffected.
             handle = None
             if group_norm is not None and (sample_lo > 0 or sample_hi < num_samples):
                 if norm_stats is None:  # first window that is not the whole input: gather whole-input statistics
                     steps_per_block = max(1, math.ceil(window.shape[-1] / group_norm[0].stride[0]))
-                    norm_stats = _global_group_norm_stats(*group_norm, input_values, steps_per_block, device, dtype)
+                    norm_stats = _global_group_norm_stats(
+                        audio_encoder, *group_norm, input_values, steps_per_block, dtype
+                    )
                 handle = group_norm[1].register_forward_hook(_fixed_group_norm_hook(*norm_stats))
             try:
                 output = audio_encoder(window, output_hidden_states=True, return_dict=True)
@@ -501,7 +545,7 @@ def iter_audio_features(
             if hidden.shape[1] != expected:  # pragma: no cover - guards the geometry arithmetic above
                 raise RuntimeError(f"wav2vec2 returned {hidden.shape[1]} steps for a window of {expected}")
 
-            local = torch.from_numpy(chunk_positions - window_lo).to(device=device)
+            local = torch.from_numpy(chunk_positions - window_lo).to(device=hidden.device)  # where they came out
             lower = local.floor().long().clamp(0, expected - 1)
             upper = (lower + 1).clamp(max=expected - 1)
             weight = (local - lower).to(dtype)[None, :, None]
@@ -523,7 +567,7 @@ def extract_audio_features(
     """wav2vec2 hidden states per video frame, `(F, L, D)`: `torch.cat` of `iter_audio_features` (same arguments).
 
     F = `num_frames` or `num_video_frames(len(audio), sample_rate, fps)`; L = number of chosen layers (default
-    `config.num_hidden_layers`); D = `config.hidden_size`. On the encoder's device and dtype.
+    `config.num_hidden_layers`); D = `config.hidden_size`. On the device the encoder ran on, in its dtype.
     """
     import torch
 

@@ -47,6 +47,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
 from emo_pipeline.audio import iter_audio_features, load_audio, num_video_frames
+from emo_pipeline.devices import has_offload_hooks
 from emo_pipeline.errors import EMOInputError
 from emo_pipeline.face import PreparedPortrait, prepare_portrait
 from emo_pipeline.models.attention import ReferenceFeatures
@@ -678,7 +679,18 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             num_clips=math.ceil(num_frames / settings.num_frames_per_clip),
             speed=self._speed_per_frame(settings.speed, num_frames),
         )
-        return self._generate(plan, settings)
+        return self._free_model_hooks_after(self._generate(plan, settings))
+
+    def _free_model_hooks_after(self, clips: Iterator) -> Iterator:
+        """Yield from the clip loop, then `maybe_free_model_hooks()` as diffusers' pipelines end their `__call__`.
+
+        Under `enable_model_cpu_offload` that parks every model on the CPU again and resets the offload hooks. It
+        also runs when the consumer stops early (`close()`, or the iterator dropped) and when generation fails.
+        """
+        try:
+            yield from clips
+        finally:
+            self.maybe_free_model_hooks()
 
     @torch.no_grad()
     def _generate(self, plan: _Plan, settings: GenerationSettings) -> Iterator:
@@ -693,8 +705,14 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
         # Once per video: reference latents -> ReferenceNet; face mask; audio feature stream.
         reference_latents = self.encode_image(plan.portrait.image, device, dtype)
-        # Reference keys/values projected once per video (exact: tokens and weights are fixed during a video).
-        reference = self.unet.prepare_reference(self.reference_net(reference_latents))
+        reference = self.reference_net(reference_latents)
+        # Under model/group offloading the backbone's weights are only loaded inside its forward (parked on the CPU,
+        # or as empty placeholders with disk offload), so the per-video and per-clip precomputation, which calls its
+        # layers directly, is left to the forward. Otherwise the reference keys/values are projected once per video
+        # (exact: tokens and weights are fixed during a video) and the clip's conditioning is encoded once per clip.
+        precompute = not has_offload_hooks(self.unet)
+        if precompute:
+            reference = self.unet.prepare_reference(reference)
         face_mask = torch.from_numpy(plan.portrait.mask)[None, None].to(device=device, dtype=dtype)
         self.audio_encoder.eval()
         audio_windows = _AudioWindows(
@@ -725,9 +743,13 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                     clip_speed = torch.from_numpy(clip_speed)[None].to(device=device, dtype=dtype)
                 # Audio tokens, face-locator features and speed embeddings depend on the clip, not on the step:
                 # encoded once per clip, both guidance branches' tokens at once ([no audio, audio]).
-                encoded = self.unet.encode_conditioning(guided_audio, face_mask, clip_speed, dtype=dtype)
-                guided_tokens = encoded.pop("audio_tokens")
-                clip_tokens = guided_tokens[guided_tokens.shape[0] // 2 :]
+                if precompute:
+                    encoded = self.unet.encode_conditioning(guided_audio, face_mask, clip_speed, dtype=dtype)
+                    guided_inputs = {"audio_tokens": encoded.pop("audio_tokens")}
+                else:
+                    encoded = {"face_mask": face_mask, "speed": clip_speed}
+                    guided_inputs = {"audio_features": guided_audio}
+                audio_inputs = {key: value[value.shape[0] // 2 :] for key, value in guided_inputs.items()}
                 conditioning = {"reference_features": clip_reference(motion_latents), **encoded}
 
                 self.scheduler.set_timesteps(settings.num_inference_steps, device=device)
@@ -742,10 +764,8 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                     guided = self.do_classifier_free_guidance
                     model_input = torch.cat([latents] * 2) if guided else latents
                     model_input = self.scheduler.scale_model_input(model_input, timestep)
-                    audio_tokens = guided_tokens if guided else clip_tokens
-                    noise = self.unet(
-                        model_input, timestep, audio_tokens=audio_tokens, **conditioning, return_dict=False
-                    )[0]
+                    audio = guided_inputs if guided else audio_inputs
+                    noise = self.unet(model_input, timestep, **audio, **conditioning, return_dict=False)[0]
                     if guided:
                         unconditional, conditional = noise.chunk(2)
                         noise = unconditional + self.guidance_scale * (conditional - unconditional)
