@@ -149,7 +149,13 @@ def run_mode(args: argparse.Namespace, mode: str, frames_path: str) -> dict:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     load_before = os.getloadavg()
     build_start = time.perf_counter()
-    pipe = sd15_shaped_pipeline() if args.sd15_shaped else tiny_emo_pipeline()  # same seed: same weights
+    if args.pipeline_folder:  # saved once by the parent: every mode loads the same weights, one copy at a time
+        from emo_pipeline import EMOPipeline
+
+        pipe = EMOPipeline.from_pretrained(args.pipeline_folder)
+        pipe.set_progress_bar_config(disable=True)
+    else:
+        pipe = sd15_shaped_pipeline() if args.sd15_shaped else tiny_emo_pipeline()  # same seed: same weights
     if "tiny" in parts:
         if args.sd15_shaped:
             from diffusers import AutoencoderTiny
@@ -225,7 +231,7 @@ def run_mode(args: argparse.Namespace, mode: str, frames_path: str) -> dict:
     }
 
 
-def compare_modes(args: argparse.Namespace) -> dict:
+def compare_modes(args: argparse.Namespace, on_run=None) -> dict:
     """Run each of `args.modes` in a fresh subprocess; frame differences against the first mode (fp32)."""
     import tempfile
 
@@ -238,13 +244,21 @@ def compare_modes(args: argparse.Namespace) -> dict:
         raise SystemExit("--modes must start with fp32, the reference the others are compared with")
     runs, reference = [], None
     with tempfile.TemporaryDirectory() as folder:
+        pipeline_folder = None
+        if args.sd15_shaped:  # built once (its construction holds three UNet copies), loaded by every mode
+            pipeline_folder = os.path.join(folder, "pipeline")
+            build = "import sys; from emo_pipeline.testing import sd15_shaped_pipeline as p; "
+            build += "p().save_pretrained(sys.argv[1])"
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-c", build, pipeline_folder], check=True)
+            print(f"built and saved the SD1.5-shaped pipeline in {time.perf_counter() - start:.0f} s", flush=True)
         for mode in modes:
             frames_path = os.path.join(folder, f"{mode}.npy")
             command = [sys.executable, __file__, "--child-mode", mode, "--frames-path", frames_path]
             command += ["--size", str(args.size), "--steps", str(args.steps), "--clips", str(args.clips)]
             command += ["--frames-per-clip", str(args.frames_per_clip), "--motion-frames", str(args.motion_frames)]
             command += ["--guidance-scale", str(args.guidance_scale), "--threads", str(args.threads)]
-            command += ["--sd15-shaped"] if args.sd15_shaped else []
+            command += ["--sd15-shaped", "--pipeline-folder", pipeline_folder] if args.sd15_shaped else []
             child = subprocess.run(command, capture_output=True, text=True)
             if child.returncode:
                 runs.append({"mode": mode, "error": child.stderr.strip().splitlines()[-1:]})
@@ -259,6 +273,8 @@ def compare_modes(args: argparse.Namespace) -> dict:
             run["mean_abs_diff"] = round(float(difference.mean()), 6)
             runs.append(run)
             print(json.dumps(run), flush=True)
+            if on_run is not None:
+                on_run(runs)
     return {"runs": runs}
 
 
@@ -278,6 +294,7 @@ def main() -> int:
     parser.add_argument("--child", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--child-mode", help=argparse.SUPPRESS)
     parser.add_argument("--frames-path", help=argparse.SUPPRESS)
+    parser.add_argument("--pipeline-folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.size = args.size or (256 if args.sd15_shaped else 64)
 
@@ -290,13 +307,15 @@ def main() -> int:
     if args.modes:
         import torch
 
+        hidden = ("child", "child_mode", "frames_path", "pipeline_folder")
         result = {
             "benchmark": "inference_modes",
-            "config": {k: v for k, v in vars(args).items() if k not in ("child", "child_mode", "frames_path")},
+            "config": {k: v for k, v in vars(args).items() if k not in hidden},
             "machine": machine_info(torch),
-            **compare_modes(args),
         }
-        write(result, args.output)
+        # Written after every mode, so a long run that is stopped keeps the modes it measured.
+        result.update(compare_modes(args, lambda runs: write({**result, "runs": runs}, args.output)))
+        write({**result, "machine": machine_info(torch)}, args.output)
         return 0
     runs = []
     for seconds in args.seconds:
