@@ -762,7 +762,9 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         def clip_reference(motion_latents: torch.Tensor) -> ReferenceFeatures:
             return ReferenceFeatures(
                 spatial=reference.spatial,
-                temporal=self.reference_net(motion_latents.to(dtype)).temporal,  # once per clip
+                # Contiguous: the previous clip's latents arrive as a strided view, which a compiled ReferenceNet
+                # would recompile for (dynamo guards on strides).
+                temporal=self.reference_net(motion_latents.to(dtype).contiguous()).temporal,  # once per clip
                 key_value=reference.key_value,
             )
 
