@@ -32,6 +32,7 @@ import PIL.Image
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderTiny,
     DDIMScheduler,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
@@ -57,6 +58,8 @@ from emo_pipeline.models.reference_net import ReferenceNet
 __all__ = ["SCHEDULERS", "EMOPipeline", "EMOPipelineOutput", "GenerationSettings"]
 
 SAMPLE_RATE = 16000  # wav2vec2's rate
+DEFAULT_TINY_DECODER = "madebyollin/taesd"  # TAESD for SD1.x latents (decoder="tiny")
+DECODERS = ("vae", "tiny")
 
 # Schedulers known to work with EMO's epsilon-prediction SD noise schedule (each is tested). DDIM is the paper's.
 SCHEDULERS: dict[str, type[SchedulerMixin]] = {
@@ -73,7 +76,7 @@ class EMOPipelineOutput(BaseOutput):
     """Output of `EMOPipeline.__call__`.
 
     frames: `(N, H, W, 3)` float32 in [0, 1] (`output_type="np"`), a list of N PIL images ("pil"), a
-        `(N, 3, H, W)` tensor on the VAE's device ("pt"), or `(1, 4, N, h, w)` latents ("latent").
+        `(N, 3, H, W)` tensor on the VAE's device ("pt"), or `(1, 4, N, h, w)` float32 latents ("latent").
     audio: `(num_samples,)` float32 mono at `sample_rate`, the track the video follows.
     fps: frames per second of `frames`.
     face_mask: `(H, W)` float32 face-region mask used for the face locator.
@@ -113,11 +116,15 @@ class GenerationSettings:
         face_index: which detected face (largest first) when the image has several; default the largest.
         generator: makes the noise reproducible (bit-identical on CPU).
         output_type: "np": `(N, H, W, 3)` float32 in [0, 1]; "pil": a list of PIL images; "pt": `(N, 3, H, W)`
-            float32 in [0, 1] on the VAE's device; "latent": `(1, 4, N, h, w)` (clips untrimmed). `write_video`
+            float32 in [0, 1] on the VAE's device; "latent": `(1, 4, N, h, w)` float32 (clips untrimmed). `write_video`
             takes "np", "pt" or "pil".
         watermark: embed the invisible provenance watermark in every frame (see `emo_pipeline.watermark`).
         eta: DDIM's eta (schedulers without one ignore it).
         decode_chunk_size: frames the VAE decodes per call (memory vs speed).
+        decoder: "vae": the pipeline's VAE decodes the frames (exact); "tiny": TAESD (diffusers' `AutoencoderTiny`)
+            decodes them instead, for fast previews at lower quality (softer detail, some colour shift). It uses
+            `pipe.tiny_decoder`, loaded on first use from "madebyollin/taesd" unless `pipe.load_tiny_decoder(...)`
+            was called with another folder or hub id.
         audio_sample_rate: sample rate of an `audio` array in Hz (default 16000); files carry their own.
         max_audio_seconds: longer audio is refused (None: no limit).
         callback_on_step_end: `fn(pipe, step, timestep, tensors) -> dict` called after every denoising step of
@@ -147,6 +154,7 @@ class GenerationSettings:
     watermark: bool = True
     eta: float = 0.0
     decode_chunk_size: int = 8
+    decoder: str = "vae"
     audio_sample_rate: int | None = None
     max_audio_seconds: float | None = 3600.0
     callback_on_step_end: (
@@ -285,6 +293,9 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     _num_timesteps: int | None = None
     _interrupt: bool = False
     clip_index: int | None = None
+    # TAESD for `decoder="tiny"` previews: not a registered component (not saved with the pipeline, not moved by
+    # `pipe.to`); it follows the VAE's dtype and the latents' device when used.
+    tiny_decoder: AutoencoderTiny | None = None
 
     def __init__(
         self,
@@ -540,13 +551,60 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         return (latents * self.vae.config.scaling_factor).to(dtype)
 
     @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor, decode_chunk_size: int = 8) -> torch.Tensor:
-        """`(B, 4, F, h, w)` latents -> `(B*F, 3, H, W)` in [0, 1], `decode_chunk_size` frames per VAE call."""
-        frames = latents.permute(0, 2, 1, 3, 4).flatten(0, 1) / self.vae.config.scaling_factor
-        decoded = [
-            self.vae.decode(chunk.to(self.vae.dtype)).sample.float() for chunk in frames.split(decode_chunk_size)
-        ]
+    def decode_latents(self, latents: torch.Tensor, decode_chunk_size: int = 8, decoder: str = "vae") -> torch.Tensor:
+        """`(B, 4, F, h, w)` latents -> `(B*F, 3, H, W)` float32 in [0, 1], `decode_chunk_size` frames per call.
+
+        `decoder="vae"` decodes with the pipeline's VAE in its dtype; "tiny" with `self.tiny_decoder` (TAESD, loaded
+        from `DEFAULT_TINY_DECODER` if none was loaded): several times faster, visibly lower quality.
+        """
+        if decoder not in DECODERS:
+            raise EMOInputError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+        model = self.vae if decoder == "vae" else self._tiny_decoder(latents.device)
+        # SD latents are the VAE's latents times its scaling factor; TAESD was trained on the scaled ones (its
+        # scaling_factor is 1), so each decoder divides by its own factor.
+        frames = latents.permute(0, 2, 1, 3, 4).flatten(0, 1) / model.config.scaling_factor
+        decoded = [model.decode(chunk.to(model.dtype)).sample.float() for chunk in frames.split(decode_chunk_size)]
         return (torch.cat(decoded) / 2 + 0.5).clamp(0, 1)
+
+    def load_tiny_decoder(
+        self, pretrained_model_name_or_path: str | os.PathLike = DEFAULT_TINY_DECODER, **kwargs
+    ) -> AutoencoderTiny:
+        """Load TAESD (diffusers' `AutoencoderTiny`) from a folder or hub id as `self.tiny_decoder`, the decoder
+        of `decoder="tiny"`; returns it. `kwargs` go to `AutoencoderTiny.from_pretrained`.
+
+        Raises `EMOInputError` naming the source when nothing loads from it (missing folder, unknown or offline hub
+        id), or when its latents do not match the VAE's (channels, downscale factor).
+        """
+        try:
+            tiny = AutoencoderTiny.from_pretrained(
+                pretrained_model_name_or_path, **{"torch_dtype": self.vae.dtype, **kwargs}
+            )
+        except (OSError, ValueError) as error:
+            raise EMOInputError(
+                f"tiny decoder {str(pretrained_model_name_or_path)!r}: no AutoencoderTiny could be loaded from it "
+                f"({type(error).__name__}: {str(error)[:300]}). Pass a folder written by "
+                f"AutoencoderTiny.save_pretrained or a hub id such as {DEFAULT_TINY_DECODER!r} (downloaded first when "
+                "offline)."
+            ) from error
+        channels = (tiny.config.latent_channels, self.vae.config.latent_channels)
+        factors = (
+            tiny.config.upsampling_scaling_factor ** (len(tiny.config.num_decoder_blocks) - 1),
+            self.vae_scale_factor,
+        )
+        if channels[0] != channels[1] or factors[0] != factors[1]:
+            raise EMOInputError(
+                f"tiny decoder {str(pretrained_model_name_or_path)!r} decodes {channels[0]}-channel latents "
+                f"upscaling {factors[0]}x, but this pipeline's VAE uses {channels[1]} channels and {factors[1]}x"
+            )
+        self.tiny_decoder = tiny.eval()
+        return tiny
+
+    def _tiny_decoder(self, device: torch.device) -> AutoencoderTiny:
+        if self.tiny_decoder is None:
+            self.load_tiny_decoder()
+        if (self.tiny_decoder.device, self.tiny_decoder.dtype) != (device, self.vae.dtype):  # follow the VAE
+            self.tiny_decoder.to(device=device, dtype=self.vae.dtype)
+        return self.tiny_decoder
 
     def _scheduler_step_kwargs(self, generator, eta: float) -> dict:
         accepted = set(inspect.signature(self.scheduler.step).parameters)
@@ -661,6 +719,10 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             settings.callback_on_step_end_tensor_inputs,
             callback,
         )
+        if settings.decoder not in DECODERS:
+            raise EMOInputError(f"decoder must be one of {DECODERS}, got {settings.decoder!r}")
+        if settings.decoder == "tiny" and settings.output_type != "latent" and self.tiny_decoder is None:
+            self.load_tiny_decoder()  # now, so a missing decoder is reported before any generation
         samples = load_audio(
             audio, SAMPLE_RATE, max_duration=settings.max_audio_seconds, src_sample_rate=settings.audio_sample_rate
         )
@@ -696,7 +758,7 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     def _generate(self, plan: _Plan, settings: GenerationSettings) -> Iterator:
         """The clip loop of `iter_clips` (settings already checked)."""
         device = self._execution_device
-        dtype = self.unet.dtype
+        dtype = self.unet.dtype  # the models' compute dtype; the scheduler's latents stay float32 (see below)
         f, n = settings.num_frames_per_clip, settings.num_motion_frames  # clip and motion-frame lengths
         callback, tensor_inputs = settings.callback_on_step_end, list(settings.callback_on_step_end_tensor_inputs)
         latent_size = plan.portrait.image.size[0] // self.vae_scale_factor
@@ -720,13 +782,15 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             plan.num_frames,
             self.audio_window,
         )
-        motion_latents = torch.zeros(1, n, 4, latent_size, latent_size, device=device, dtype=dtype)
+        motion_latents = torch.zeros(1, n, 4, latent_size, latent_size, device=device)
         step_kwargs = self._scheduler_step_kwargs(settings.generator, settings.eta)
 
         def clip_reference(motion_latents: torch.Tensor) -> ReferenceFeatures:
             return ReferenceFeatures(
                 spatial=reference.spatial,
-                temporal=self.reference_net(motion_latents).temporal,  # once per clip
+                # Contiguous: the previous clip's latents arrive as a strided view, which a compiled ReferenceNet
+                # would recompile for (dynamo guards on strides).
+                temporal=self.reference_net(motion_latents.to(dtype).contiguous()).temporal,  # once per clip
                 key_value=reference.key_value,
             )
 
@@ -754,7 +818,11 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
                 self.scheduler.set_timesteps(settings.num_inference_steps, device=device)
                 self._num_timesteps = len(self.scheduler.timesteps)
-                latents = randn_tensor((1, 4, f, latent_size, latent_size), settings.generator, device, dtype)
+                # Latents, guidance and the scheduler's update stay in float32 whatever the models' dtype: the
+                # schedulers do their arithmetic in the latents' dtype, and bf16's 8-bit mantissa would round each
+                # step's small update (and the clip chain's motion frames) away. Only the backbone's input is cast.
+                # The noise is drawn in float32, so a seed gives the same noise in every dtype.
+                latents = randn_tensor((1, 4, f, latent_size, latent_size), settings.generator, device, torch.float32)
                 latents = latents * self.scheduler.init_noise_sigma
                 for step, timestep in enumerate(self.scheduler.timesteps):
                     if self.interrupt:
@@ -763,9 +831,9 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                     # backbone call; the rest of the conditioning is shared and tiled.
                     guided = self.do_classifier_free_guidance
                     model_input = torch.cat([latents] * 2) if guided else latents
-                    model_input = self.scheduler.scale_model_input(model_input, timestep)
+                    model_input = self.scheduler.scale_model_input(model_input, timestep).to(dtype)
                     audio = guided_inputs if guided else audio_inputs
-                    noise = self.unet(model_input, timestep, **audio, **conditioning, return_dict=False)[0]
+                    noise = self.unet(model_input, timestep, **audio, **conditioning, return_dict=False)[0].float()
                     if guided:
                         unconditional, conditional = noise.chunk(2)
                         noise = unconditional + self.guidance_scale * (conditional - unconditional)
@@ -787,15 +855,20 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                     motion_latents = latents[:, :, f - n :].permute(0, 2, 1, 3, 4)
                 keep = min(f, plan.num_frames - start)
                 yield self._postprocess(
-                    latents, keep, settings.output_type, settings.watermark, settings.decode_chunk_size
+                    latents,
+                    keep,
+                    settings.output_type,
+                    settings.watermark,
+                    settings.decode_chunk_size,
+                    settings.decoder,
                 )
                 if self.interrupt:  # as in diffusers: the interrupted clip is returned as it stands, then stop
                     return
 
-    def _postprocess(self, latents, keep, output_type, watermark, decode_chunk_size):
+    def _postprocess(self, latents, keep, output_type, watermark, decode_chunk_size, decoder="vae"):
         if output_type == "latent":
             return latents
-        frames = self.decode_latents(latents, decode_chunk_size)[:keep]  # (keep, 3, H, W) in [0, 1]
+        frames = self.decode_latents(latents, decode_chunk_size, decoder)[:keep]  # (keep, 3, H, W) in [0, 1]
         if watermark:
             from emo_pipeline.watermark import embed_watermark
 

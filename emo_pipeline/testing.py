@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, MotionAdapter, UNet2DConditionModel
 from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
 from emo_pipeline.models.backbone import EMOUNet3DConditionModel
@@ -19,6 +19,7 @@ from emo_pipeline.models.reference_net import ReferenceNet
 
 __all__ = [
     "TINY_EMO_CONFIG",
+    "TINY_TAESD_CONFIG",
     "TINY_MOTION_ADAPTER_CONFIG",
     "TINY_UNET_CONFIG",
     "TINY_VAE_CONFIG",
@@ -30,6 +31,7 @@ __all__ = [
     "tiny_emo_pipeline",
     "sd15_shaped_pipeline",
     "tiny_motion_adapter",
+    "tiny_taesd",
     "tiny_unet2d",
     "tiny_vae",
     "tiny_wav2vec2",
@@ -69,6 +71,15 @@ TINY_VAE_CONFIG = {
     "latent_channels": 4,
     "norm_num_groups": 8,
     "sample_size": 64,
+}
+
+# TAESD's layout (three 2x upsamplings: factor 8, 4 latent channels) with 8 channels instead of 64.
+TINY_TAESD_CONFIG = {
+    "encoder_block_out_channels": (8, 8, 8, 8),
+    "decoder_block_out_channels": (8, 8, 8, 8),
+    "num_encoder_blocks": (1, 1, 1, 1),
+    "num_decoder_blocks": (1, 1, 1, 1),
+    "latent_channels": 4,
 }
 
 # Conv strides multiply to 320 like wav2vec2-base, so features come at 50 Hz as with the real model.
@@ -130,6 +141,12 @@ def tiny_motion_adapter(seed: int = 1) -> MotionAdapter:
 def tiny_vae(seed: int = 2) -> AutoencoderKL:
     torch.manual_seed(seed)
     return AutoencoderKL(**TINY_VAE_CONFIG).eval()
+
+
+def tiny_taesd(seed: int = 4) -> AutoencoderTiny:
+    """A seeded tiny `AutoencoderTiny` (TAESD's architecture) for `decoder="tiny"` tests."""
+    torch.manual_seed(seed)
+    return AutoencoderTiny(**TINY_TAESD_CONFIG).eval()
 
 
 def tiny_wav2vec2(seed: int = 3) -> tuple[Wav2Vec2Model, Wav2Vec2FeatureExtractor]:

@@ -293,9 +293,8 @@ def test_bfloat16_output_is_close_to_float32(pipe):
     pipe.to(torch.bfloat16)
     assert pipe.unet.dtype == pipe.reference_net.dtype == pipe.vae.dtype == torch.bfloat16
     latents16 = pipe(IMAGE, audio, **settings(output_type="latent")).frames
-    assert latents16.dtype == torch.bfloat16
+    assert latents16.dtype == torch.float32  # the scheduler's latents stay float32 (tests/test_fastpath.py)
     frames16 = pipe.decode_latents(latents16).numpy()  # the bf16 VAE
-    latents16 = latents16.float()
     assert frames16.shape == (12, 3, 64, 64) and frames16.dtype == np.float32
     # bfloat16 keeps 8 significant bits: each rounding is off by up to 2**-8 = 0.4%. Measured here: 1.2-1.3%
     # relative (L2) error in every clip's latents and at most 0.03 (7/255) in the frames. The bounds leave 2.3x
