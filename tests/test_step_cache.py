@@ -137,3 +137,12 @@ def test_second_cache_on_the_same_backbone_is_refused(pipe):
     with StepCache(pipe.unet, 2), pytest.raises(RuntimeError, match="already installed"):
         StepCache(pipe.unet, 2).install()
     assert not pipe.unet._diffusers_hook.hooks
+
+
+def test_compiled_backbone_is_refused(pipe):
+    pipe.unet.compile()  # lazy: nothing is compiled until a call
+    try:
+        with pytest.raises(EMOInputError, match="compiled backbone"):
+            pipe.iter_clips(IMAGE, AUDIO, **settings(step_cache=2))
+    finally:
+        pipe.unet._compiled_call_impl = None

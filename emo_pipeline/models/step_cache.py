@@ -75,6 +75,12 @@ class StepCache:
         check_step_cache_interval(interval)
         if interval is None:
             raise EMOInputError("StepCache needs an interval (int >= 1); pass step_cache=None to the pipeline for off")
+        if getattr(unet, "_compiled_call_impl", None) is not None:
+            # The hooks' Python bookkeeping (which step is full, the kept outputs) is not traced or tested under
+            # torch.compile: refuse rather than risk a recompilation per step or a silently stale graph.
+            raise EMOInputError(
+                "step_cache does not work with a compiled backbone (pipe.compile()); use one or the other"
+            )
         self.unet = unet
         self.interval = int(interval)
         self.full_steps = 0
@@ -194,9 +200,17 @@ class _DeepBlockHook(ModelHook):
 
 
 def with_step_cache(unet: torch.nn.Module, interval: int | None, clips: Iterator) -> Iterator:
-    """Run the clip generator `clips` with a `StepCache` of `interval` on `unet` (None: as it is), removed after."""
+    """Run the clip generator `clips` with a `StepCache` of `interval` on `unet` (None: as it is), removed after.
+
+    Checks the interval and the backbone now (an `EMOInputError` at call time); installs the hooks when the first
+    clip is requested and removes them when the generator ends, fails or is closed.
+    """
     if interval is None:
-        yield from clips
-        return
-    with StepCache(unet, interval):
-        yield from clips
+        return clips
+    cache = StepCache(unet, interval)
+
+    def run() -> Iterator:
+        with cache:
+            yield from clips
+
+    return run()
