@@ -54,6 +54,7 @@ from emo_pipeline.face import PreparedPortrait, prepare_portrait
 from emo_pipeline.models.attention import ReferenceFeatures
 from emo_pipeline.models.backbone import EMOUNet3DConditionModel
 from emo_pipeline.models.reference_net import ReferenceNet
+from emo_pipeline.models.step_cache import check_step_cache_interval, with_step_cache
 
 __all__ = ["SCHEDULERS", "EMOPipeline", "EMOPipelineOutput", "GenerationSettings"]
 
@@ -136,6 +137,10 @@ class GenerationSettings:
             `pipe._interrupt = True` to stop: as in diffusers the clip in progress skips its remaining steps and is
             returned as it stands; no later clip is generated.
         callback_on_step_end_tensor_inputs: which of `EMOPipeline._callback_tensor_inputs` the callback gets.
+        step_cache: None (off): every step runs the whole backbone. An int N >= 1 turns on DeepCache-style step
+            caching (`emo_pipeline.models.step_cache`): the backbone's deep blocks run at one step in N of each
+            clip and their features are reused at the N - 1 steps between. Faster, training-free, approximate:
+            frames differ from the uncached run (measured in benchmarks/README.md). N = 1 changes nothing.
     """
 
     height: int = 512
@@ -161,6 +166,7 @@ class GenerationSettings:
         Callable[[DiffusionPipeline, int, int, dict], dict] | PipelineCallback | MultiPipelineCallbacks | None
     ) = None
     callback_on_step_end_tensor_inputs: tuple[str, ...] | list[str] = ("latents",)
+    step_cache: int | None = None  # off: the output is exact; caching is an opt-in approximation
 
 
 # The positional inputs of `__call__`, `iter_clips` and `write_video`, documented once like `GenerationSettings`.
@@ -723,6 +729,7 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             raise EMOInputError(f"decoder must be one of {DECODERS}, got {settings.decoder!r}")
         if settings.decoder == "tiny" and settings.output_type != "latent" and self.tiny_decoder is None:
             self.load_tiny_decoder()  # now, so a missing decoder is reported before any generation
+        check_step_cache_interval(settings.step_cache)
         samples = load_audio(
             audio, SAMPLE_RATE, max_duration=settings.max_audio_seconds, src_sample_rate=settings.audio_sample_rate
         )
@@ -741,7 +748,9 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             num_clips=math.ceil(num_frames / settings.num_frames_per_clip),
             speed=self._speed_per_frame(settings.speed, num_frames),
         )
-        return self._free_model_hooks_after(self._generate(plan, settings))
+        return self._free_model_hooks_after(
+            with_step_cache(self.unet, settings.step_cache, self._generate(plan, settings))
+        )
 
     def _free_model_hooks_after(self, clips: Iterator) -> Iterator:
         """Yield from the clip loop, then `maybe_free_model_hooks()` as diffusers' pipelines end their `__call__`.
