@@ -223,6 +223,19 @@ class HalloModels:
             temporal[temporal_name] = motion
         return ReferenceFeatures(spatial=spatial, temporal=temporal)
 
+    @staticmethod
+    def per_frame_reference(reference: ReferenceFeatures, frames: int) -> ReferenceFeatures:
+        """The reference tokens of the guidance batch as Hallo's read mode hands them to the frames.
+
+        mutual_self_attention.py:235-246 takes the bank's source rows `(2, L, C)` and calls `.repeat(1, f, 1, 1)`
+        on that 3-D tensor, which *tiles* the two copies over the `2f` rows instead of repeating each per frame:
+        row `i` of the `(2f)` batch (uncond frames first) gets copy `i % 2`. So the cond branch's even frames see the
+        copy the ReferenceNet ran with the uncond identity tokens (for an even f). Returns `spatial (2f, L, C)`.
+        """
+        rows = torch.arange(2 * frames) % 2
+        spatial = {name: tokens[rows.to(tokens.device)] for name, tokens in reference.spatial.items()}
+        return ReferenceFeatures(spatial=spatial, temporal=reference.temporal)
+
     def _round(self, tokens: torch.Tensor) -> torch.Tensor:
         return tokens if self.bank_dtype is None else tokens.to(self.bank_dtype).to(tokens.dtype)
 
@@ -249,7 +262,7 @@ class HalloModels:
         output = self.backbone(
             sample,
             timestep,
-            reference_features=reference,
+            reference_features=self.per_frame_reference(reference, frames),
             audio_tokens=torch.cat([torch.zeros_like(audio_tokens), audio_tokens]),
             face_features=torch.cat([torch.zeros_like(face_features), face_features]),
             context_tokens=id_tokens.repeat_interleave(frames, dim=0),

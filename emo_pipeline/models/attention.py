@@ -162,7 +162,12 @@ def broadcast_batch(features: torch.Tensor, batch: int, name: str) -> torch.Tens
 
 
 def _per_frame(tokens: torch.Tensor, batch_frames: int, num_frames: int, name: str) -> torch.Tensor:
-    """`(b, T, C)` per-sample tokens -> `(B*F, T, C)`: the same tokens for every frame of each sample's clip."""
+    """`(b, T, C)` per-sample tokens -> `(B*F, T, C)`: the same tokens for every frame of each sample's clip.
+
+    Tokens that already have `B*F` rows are per frame and pass unchanged (Hallo's bank tiles copies over frames).
+    """
+    if tokens.shape[0] == batch_frames:
+        return tokens
     tokens = broadcast_batch(tokens, batch_frames // num_frames, name)
     return tokens.repeat_interleave(num_frames, dim=0)
 
