@@ -45,8 +45,8 @@ __all__ = [
 HALLO_PREFIXES = ("reference_unet.", "denoising_unet.", "face_locator.", "imageproj.", "audioproj.")
 
 # Backbone parameters Hallo's checkpoint does not have and does not need: EMO's speed branch (inactive without a
-# speed input) and the sinusoid tables, which every model computes for itself (Hallo's stored `pe` equal them).
-_BACKBONE_NOT_IN_HALLO = ("speed_encoder.", ".speed_norms.", ".speed_attentions.", "pos_embed.pe")
+# speed input).
+_BACKBONE_NOT_IN_HALLO = ("speed_encoder.", ".speed_norms.", ".speed_attentions.")
 
 
 def load_hallo_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -114,7 +114,8 @@ def convert_hallo_state_dict(state: dict[str, torch.Tensor]) -> dict[str, dict[s
     """Hallo's `Net.state_dict()` -> `{"reference_net": ..., "backbone": ..., "identity_proj": ...}` in our key names.
 
     The face locator and the audio projection go into the backbone (`face_locator.*`, `audio_proj.*`). Hallo's
-    stored sinusoid tables (`pos_encoder.pe`) are dropped: the temporal layers compute the same table.
+    stored sinusoid tables (`pos_encoder.pe`) are loaded as the temporal layers' `pos_embed.pe`: Hallo runs with the
+    stored values (fp16-rounded in a fp16 checkpoint), not with freshly computed ones.
     Raises `EMOInputError` for a key it cannot place.
     """
     check_hallo_state_dict(state)
@@ -126,7 +127,17 @@ def convert_hallo_state_dict(state: dict[str, torch.Tensor]) -> dict[str, dict[s
         elif key.startswith("denoising_unet."):
             inner = key.removeprefix("denoising_unet.")
             if ".motion_modules." in inner:
-                if ".pos_encoder." in inner:
+                if ".pos_encoder.pe" in inner:
+                    # Hallo keeps one table per attention block, diffusers one per transformer block (both attention
+                    # blocks use it); Hallo's strict load overwrites the computed table, so the stored one (fp16 in a
+                    # fp16 checkpoint) is what it runs with.
+                    block, _, rest = inner.partition(".attention_blocks.")
+                    if not rest.startswith("0."):
+                        first = key.replace(".attention_blocks." + rest.split(".")[0] + ".", ".attention_blocks.0.")
+                        if first in state and not torch.equal(state[first], value):
+                            unplaced.append(key)  # different tables per attention block: diffusers has one
+                        continue
+                    out["backbone"][_motion_key(block) + ".pos_embed.pe"] = value
                     continue
                 inner = _motion_key(inner)
             out["backbone"][inner] = value
