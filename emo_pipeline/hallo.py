@@ -37,9 +37,12 @@ __all__ = [
     "HALLO_PREFIXES",
     "HalloModels",
     "build_hallo_models",
+    "check_hallo_state_dict",
+    "infer_hallo_sizes",
     "convert_hallo_state_dict",
     "load_hallo_models",
     "load_hallo_state_dict",
+    "load_hallo_weights",
 ]
 
 HALLO_PREFIXES = ("reference_unet.", "denoising_unet.", "face_locator.", "imageproj.", "audioproj.")
@@ -348,8 +351,54 @@ def load_hallo_weights(models: HalloModels, state: dict[str, torch.Tensor]) -> H
     return models
 
 
+def infer_hallo_sizes(state: dict[str, torch.Tensor], audio_dim: int = 768, window_size: int = 5) -> dict:
+    """`build_hallo_models` size arguments read from the checkpoint's shapes.
+
+    The audio projection's input is `window_size * num_layers * audio_dim` wide; the weights cannot split it, so the
+    wav2vec2 width `audio_dim` (768 for wav2vec2-base, Hallo's) and the window (Hallo's fixed 5) are given.
+    """
+    check_hallo_state_dict(state)
+    try:
+        proj1, proj3 = state["audioproj.proj1.weight"], state["audioproj.proj3.weight"]
+        audio_out = state["audioproj.norm.weight"].shape[0]
+        identity_proj, identity_out = state["imageproj.proj.weight"], state["imageproj.norm.weight"].shape[0]
+        blocks = sorted(int(k.split(".")[2]) for k in state if k.startswith("face_locator.blocks.") and k.endswith(".weight"))
+        channels = [state["face_locator.conv_in.weight"].shape[0]]
+        channels += [state[f"face_locator.blocks.{i}.weight"].shape[0] for i in blocks if i % 2 == 1]
+    except KeyError as error:
+        raise EMOInputError(f"Hallo checkpoint lacks {error.args[0]!r}; is it a complete net.pth?") from error
+    flat = proj1.shape[1]
+    if flat % (window_size * audio_dim):
+        raise EMOInputError(
+            f"audioproj.proj1 takes {flat} features, not a multiple of window {window_size} x audio_dim {audio_dim}; "
+            "pass the wav2vec2 hidden size the checkpoint was trained with as audio_dim"
+        )
+    return {
+        "audio_projection_config": {
+            "window_size": window_size,
+            "num_layers": flat // (window_size * audio_dim),
+            "audio_dim": audio_dim,
+            "hidden_dim": proj1.shape[0],
+            "num_tokens": proj3.shape[0] // audio_out,
+            "output_dim": audio_out,
+        },
+        "identity_config": {
+            "embed_dim": identity_proj.shape[1],
+            "num_tokens": identity_proj.shape[0] // identity_out,
+            "output_dim": identity_out,
+        },
+        "face_locator_channels": tuple(channels),
+    }
+
+
 def load_hallo_models(
-    path: str | os.PathLike, unet_config: dict | str | os.PathLike, **build_kwargs
+    path: str | os.PathLike, unet_config: dict | str | os.PathLike, audio_dim: int = 768, window_size: int = 5
 ) -> HalloModels:
-    """`build_hallo_models(unet_config, **build_kwargs)` with the weights of Hallo's `net.pth` at `path`."""
-    return load_hallo_weights(build_hallo_models(unet_config, **build_kwargs), load_hallo_state_dict(path))
+    """Hallo's networks with the weights of its `net.pth` at `path` (sizes from the weights, `infer_hallo_sizes`).
+
+    `unet_config`: SD1.5's `unet/config.json` (dict or path), which Hallo builds both UNets from.
+    Raises `EMOInputError` when the file is not a Hallo checkpoint or a key does not fit.
+    """
+    state = load_hallo_state_dict(path)
+    sizes = infer_hallo_sizes(state, audio_dim=audio_dim, window_size=window_size)
+    return load_hallo_weights(build_hallo_models(unet_config, **sizes), state)

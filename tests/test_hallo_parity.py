@@ -1,0 +1,187 @@
+"""Hallo's released checkpoint layout runs in EMO's model classes with Hallo's numbers (network-level parity).
+
+The tiny golden `net.pth` (tests/goldens/hallo, made from Hallo's own code by tests/goldens/make_hallo_goldens.py)
+is loaded through `emo_pipeline.hallo` into `ReferenceNet`, `EMOUNet3DConditionModel` (audio modules, per-frame
+temporal norm, ...) and `IdentityProjection`; every network's output is compared with what Hallo computed.
+Denoiser outputs are compared teacher-forced (golden latents and reference latents in, one step out), as the
+goldens' README prescribes: Hallo rounds its reference bank to float16, so float noise flips roundings.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+from safetensors.torch import load_file
+
+from emo_pipeline.errors import EMOInputError
+from emo_pipeline.hallo import (
+    HALLO_PREFIXES,
+    HalloModels,
+    convert_hallo_state_dict,
+    load_hallo_models,
+    load_hallo_state_dict,
+    load_hallo_weights,
+)
+
+GOLDENS = Path(__file__).parent / "goldens" / "hallo"
+FRAMES = 16
+# Teacher-forced denoiser outputs (std ~0.4): step 0 of clip 0 within 1e-4 (Hallo against itself with another
+# thread count: 2.4e-5; a float32 instead of float16 bank: 4.3e-4); later steps see fp16 bank roundings that flip
+# on float noise, so they get 5e-4.
+FIRST_STEP_ATOL = 1e-4
+STEP_ATOL = 5e-4
+
+
+@pytest.fixture(scope="module")
+def golden() -> dict:
+    return {
+        "meta": json.loads((GOLDENS / "metadata.json").read_text()),
+        "inputs": load_file(GOLDENS / "inputs.safetensors"),
+        "outputs": load_file(GOLDENS / "outputs.safetensors"),
+        "bank": load_file(GOLDENS / "reference_bank.safetensors"),
+    }
+
+
+@pytest.fixture(scope="module")
+def models() -> HalloModels:
+    return load_hallo_models(GOLDENS / "net.pth", GOLDENS / "unet" / "config.json", audio_dim=32)
+
+
+@pytest.fixture(scope="module")
+def conditioning(models: HalloModels, golden: dict) -> dict:
+    inputs = golden["inputs"]
+    return {
+        "id_tokens": models.identity_tokens(inputs["face_emb"]),
+        "face": models.face_features(inputs["face_region"][None]),
+        "masks": {
+            level: tuple(inputs[f"{kind}_mask_{level}"] for kind in ("full", "face", "lip")) for level in range(4)
+        },
+    }
+
+
+def test_every_key_of_the_released_layout_finds_its_place() -> None:
+    state = torch.load(GOLDENS / "net.pth", map_location="cpu", weights_only=True)
+    converted = convert_hallo_state_dict(state)
+    placed = sum(len(part) for part in converted.values())
+    # everything but the second attention block's copy of each temporal position table (diffusers keeps one)
+    duplicates = [k for k in state if ".attention_blocks.1.pos_encoder.pe" in k]
+    assert placed == len(state) - len(duplicates)
+    assert {k.split(".")[0] + "." for k in state} == set(HALLO_PREFIXES)
+
+
+def test_identity_audio_and_face_locator_match_hallo(models: HalloModels, golden: dict, conditioning: dict) -> None:
+    inputs, outputs = golden["inputs"], golden["outputs"]
+    torch.testing.assert_close(conditioning["id_tokens"], outputs["id_tokens"], atol=1e-5, rtol=0)
+    for clip in range(2):
+        windows = inputs["audio_emb_windowed"][clip * FRAMES : (clip + 1) * FRAMES][None]
+        torch.testing.assert_close(models.audio_tokens(windows), outputs[f"audio_tokens_clip{clip}"][0], atol=1e-5, rtol=0)
+        face = outputs[f"face_locator_clip{clip}"]  # (2, C, f, h, w): zeros (uncond), the locator (cond)
+        assert face[0].abs().max() == 0
+        torch.testing.assert_close(conditioning["face"][0], face[1, :, 0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(face[1], face[1, :, :1].expand_as(face[1]))
+
+
+@pytest.mark.parametrize("clip", [0, 1])
+def test_reference_net_writes_hallos_bank(models: HalloModels, golden: dict, conditioning: dict, clip: int) -> None:
+    reference = models.encode_reference(golden["outputs"][f"ref_latents_clip{clip}"], conditioning["id_tokens"])
+    assert reference.spatial, "no reference tokens"
+    for name, tokens in reference.spatial.items():
+        bank = golden["bank"][f"clip{clip}/{name.removesuffix('.attn1')}"]  # (2 (1 + n), L, C), float32
+        bank = bank.reshape(2, -1, *bank.shape[1:]).half().float()
+        # one float16 step at |x| < 2 at most (float noise flips a rounding now and then)
+        torch.testing.assert_close(tokens, bank[:, 0], atol=2**-9, rtol=0)
+        block, _, rest = name.partition(".attentions.")
+        temporal = reference.temporal.get(f"{block}.motion_modules.{rest.split('.')[0]}")
+        if temporal is not None:  # (2, n, C, h, w) <- bank rows 1..n of each copy, tokens in (y, x) order
+            motion = bank[:, 1:].reshape(*temporal.shape[:2], *temporal.shape[3:], -1).permute(0, 1, 4, 2, 3)
+            torch.testing.assert_close(temporal, motion, atol=2**-9, rtol=0)
+    # the motion modules Hallo never runs get no motion frames; every other one does
+    assert sorted(reference.temporal) == sorted(
+        n for n, m in models.backbone.temporal_layers.items() if m.enabled
+    )
+
+
+def _step_input(golden: dict, clip: int, step: int) -> torch.Tensor:
+    if step == 0:
+        return golden["inputs"][f"init_latents_clip{clip}"]
+    return golden["outputs"][f"latents_clip{clip}_step{step - 1}"]
+
+
+@pytest.mark.parametrize(("clip", "step"), [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)])
+def test_denoiser_matches_both_guidance_branches(
+    models: HalloModels, golden: dict, conditioning: dict, clip: int, step: int
+) -> None:
+    inputs, outputs = golden["inputs"], golden["outputs"]
+    reference = models.encode_reference(outputs[f"ref_latents_clip{clip}"], conditioning["id_tokens"])
+    audio = models.audio_tokens(inputs["audio_emb_windowed"][clip * FRAMES : (clip + 1) * FRAMES][None])
+    latents = _step_input(golden, clip, step)
+    timestep = outputs["timesteps"][step]
+    eps = models.denoise(
+        latents, timestep, reference, conditioning["id_tokens"], audio, conditioning["face"], conditioning["masks"]
+    )
+    expected = outputs[f"noise_pred_clip{clip}_step{step}"]  # row 0 uncond, row 1 cond
+    atol = FIRST_STEP_ATOL if (clip, step) == (0, 0) else STEP_ATOL
+    for branch in (0, 1):
+        torch.testing.assert_close(eps[branch], expected[branch], atol=atol, rtol=0)
+    # and Hallo's guidance + DDIM step on our prediction gives its next latents
+    meta = golden["meta"]
+    scheduler = DDIMScheduler(**{k: v for k, v in meta["scheduler_config"].items() if not k.startswith("_")})
+    scheduler.set_timesteps(meta["num_inference_steps"])
+    uncond, cond = eps.chunk(2)
+    guided = uncond + meta["guidance_scale"] * (cond - uncond)
+    stepped = scheduler.step(guided, timestep, latents, eta=0.0, return_dict=False)[0]
+    torch.testing.assert_close(stepped, outputs[f"latents_clip{clip}_step{step}"], atol=10 * atol, rtol=0)
+
+
+def test_float16_bank_rounding_is_what_makes_the_first_step_match(
+    models: HalloModels, golden: dict, conditioning: dict
+) -> None:
+    inputs, outputs = golden["inputs"], golden["outputs"]
+    audio = models.audio_tokens(inputs["audio_emb_windowed"][:FRAMES][None])
+    errors = {}
+    for bank_dtype in (torch.float16, None):
+        models.bank_dtype = bank_dtype
+        try:
+            reference = models.encode_reference(outputs["ref_latents_clip0"], conditioning["id_tokens"])
+        finally:
+            models.bank_dtype = torch.float16
+        eps = models.denoise(
+            inputs["init_latents_clip0"],
+            outputs["timesteps"][0],
+            reference,
+            conditioning["id_tokens"],
+            audio,
+            conditioning["face"],
+            conditioning["masks"],
+        )
+        errors[bank_dtype] = (eps - outputs["noise_pred_clip0_step0"]).abs().max().item()
+    assert errors[torch.float16] < FIRST_STEP_ATOL < errors[None]
+
+
+def test_a_checkpoint_of_another_kind_is_named(tmp_path: Path) -> None:
+    animatediff = {"down_blocks.0.motion_modules.0.temporal_transformer.proj_in.weight": torch.zeros(2, 2)}
+    torch.save(animatediff, tmp_path / "mm.ckpt")
+    with pytest.raises(EMOInputError, match="AnimateDiff motion-module"):
+        load_hallo_state_dict(tmp_path / "mm.ckpt")
+    with pytest.raises(EMOInputError, match="Stable Diffusion"):
+        convert_hallo_state_dict({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)})
+    with pytest.raises(EMOInputError, match="does not exist"):
+        load_hallo_state_dict(tmp_path / "absent.pth")
+
+
+def test_missing_and_unexpected_keys_are_listed(models: HalloModels) -> None:
+    state = torch.load(GOLDENS / "net.pth", map_location="cpu", weights_only=True)
+    dropped = "denoising_unet.up_blocks.1.audio_modules.0.transformer_blocks.0.attn2_2.to_k.weight"
+    broken = {k: v for k, v in state.items() if k != dropped}
+    with pytest.raises(EMOInputError, match=r"1 missing keys.*audio_modules\.0\.transformer_blocks\.0\.attn2_2\.to_k"):
+        load_hallo_weights(models, broken)
+    extra = {**state, "denoising_unet.down_blocks.0.attentions.0.extra.weight": torch.zeros(1)}
+    with pytest.raises(EMOInputError, match=r"1 unexpected.*attentions\.0\.extra\.weight"):
+        load_hallo_weights(models, extra)
+    unplaced = {**state, "vae.encoder.conv_in.weight": torch.zeros(1)}
+    with pytest.raises(EMOInputError, match="no model takes"):
+        load_hallo_weights(models, unplaced)
