@@ -60,7 +60,9 @@ def load_hallo_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any reader failure means the same thing to the user
-        raise EMOInputError(f"cannot read Hallo checkpoint {path} (a torch.save of Net.state_dict()): {error}") from error
+        raise EMOInputError(
+            f"cannot read Hallo checkpoint {path} (a torch.save of Net.state_dict()): {error}"
+        ) from error
     check_hallo_state_dict(state, str(path))
     return state
 
@@ -319,7 +321,10 @@ def build_hallo_models(
                 "same_width_convs": True,
             },
             audio_attention="audio_modules",
-            audio_module_config={"heads": unet_config.get("attention_head_dim", 8), "cross_attention_dim": audio["output_dim"]},
+            audio_module_config={
+                "heads": unet_config.get("attention_head_dim", 8),
+                "cross_attention_dim": audio["output_dim"],
+            },
             temporal_norm="per_frame",
             disabled_temporal_layers=_disabled_temporal_layers(unet_config),
         )
@@ -362,7 +367,9 @@ def infer_hallo_sizes(state: dict[str, torch.Tensor], audio_dim: int = 768, wind
         proj1, proj3 = state["audioproj.proj1.weight"], state["audioproj.proj3.weight"]
         audio_out = state["audioproj.norm.weight"].shape[0]
         identity_proj, identity_out = state["imageproj.proj.weight"], state["imageproj.norm.weight"].shape[0]
-        blocks = sorted(int(k.split(".")[2]) for k in state if k.startswith("face_locator.blocks.") and k.endswith(".weight"))
+        blocks = sorted(
+            int(k.split(".")[2]) for k in state if k.startswith("face_locator.blocks.") and k.endswith(".weight")
+        )
         channels = [state["face_locator.conv_in.weight"].shape[0]]
         channels += [state[f"face_locator.blocks.{i}.weight"].shape[0] for i in blocks if i % 2 == 1]
     except KeyError as error:

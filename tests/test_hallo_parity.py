@@ -78,7 +78,9 @@ def test_identity_audio_and_face_locator_match_hallo(models: HalloModels, golden
     torch.testing.assert_close(conditioning["id_tokens"], outputs["id_tokens"], atol=1e-5, rtol=0)
     for clip in range(2):
         windows = inputs["audio_emb_windowed"][clip * FRAMES : (clip + 1) * FRAMES][None]
-        torch.testing.assert_close(models.audio_tokens(windows), outputs[f"audio_tokens_clip{clip}"][0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            models.audio_tokens(windows), outputs[f"audio_tokens_clip{clip}"][0], atol=1e-5, rtol=0
+        )
         face = outputs[f"face_locator_clip{clip}"]  # (2, C, f, h, w): zeros (uncond), the locator (cond)
         assert face[0].abs().max() == 0
         torch.testing.assert_close(conditioning["face"][0], face[1, :, 0], atol=1e-5, rtol=0)
@@ -100,9 +102,7 @@ def test_reference_net_writes_hallos_bank(models: HalloModels, golden: dict, con
             motion = bank[:, 1:].reshape(*temporal.shape[:2], *temporal.shape[3:], -1).permute(0, 1, 4, 2, 3)
             torch.testing.assert_close(temporal, motion, atol=2**-9, rtol=0)
     # the motion modules Hallo never runs get no motion frames; every other one does
-    assert sorted(reference.temporal) == sorted(
-        n for n, m in models.backbone.temporal_layers.items() if m.enabled
-    )
+    assert sorted(reference.temporal) == sorted(n for n, m in models.backbone.temporal_layers.items() if m.enabled)
 
 
 def _step_input(golden: dict, clip: int, step: int) -> torch.Tensor:

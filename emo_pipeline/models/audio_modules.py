@@ -115,7 +115,9 @@ def audio_module_inner_dims(block_out_channels: list[int], layers_per_block: int
     dims: dict[str, int] = {}
     for i in range(last):
         for j in range(layers_per_block):
-            dims[f"down_blocks.{i}.audio_modules.{j}"] = (channels[i - 1] if i else channels[0]) if j == 0 else channels[i]
+            dims[f"down_blocks.{i}.audio_modules.{j}"] = (
+                (channels[i - 1] if i else channels[0]) if j == 0 else channels[i]
+            )
     dims["mid_block.audio_modules.0"] = channels[-1]
     reversed_channels = channels[::-1]
     for i in range(1, last + 1):
@@ -125,7 +127,7 @@ def audio_module_inner_dims(block_out_channels: list[int], layers_per_block: int
 
 
 class AudioModuleHook:
-    """Forward hook of a spatial transformer (`X.attentions.j`): run the audio module `X.audio_modules.j` on its output.
+    """Forward hook of a spatial transformer `X.attentions.j`: runs the audio module `X.audio_modules.j` on its output.
 
     `level` indexes the per-resolution region masks (0 = full latent resolution). With no audio tokens in the state
     the module still runs, on the tokens of silence the caller must pass; a missing state is an error.

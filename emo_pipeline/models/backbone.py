@@ -46,9 +46,9 @@ __all__ = ["EMOUNet3DConditionModel", "ModelMixin"]
 
 # Parameter groups the training stages select by name (see configs/train/*.yaml and emo_pipeline.config).
 PARAMETER_GROUPS: dict[str, Callable[[str], bool]] = {
-    "audio": lambda n: n.startswith("audio_proj.")
-    or ".audio_modules." in n
-    or (".attn2." in n and "motion_modules" not in n),
+    "audio": lambda n: (
+        n.startswith("audio_proj.") or ".audio_modules." in n or (".attn2." in n and "motion_modules" not in n)
+    ),
     "face_locator": lambda n: n.startswith("face_locator."),
     "speed": lambda n: n.startswith("speed_encoder.") or ".speed_" in n,
     "temporal": lambda n: "motion_modules." in n and ".speed_" not in n,
@@ -135,7 +135,7 @@ class EMOUNet3DConditionModel(UNetMotionModel):
         self.conv_in.register_forward_hook(FaceFeaturesHook(self._conditioning))
 
     def _add_audio_modules(self, config: dict) -> dict:
-        """One `RegionAudioTransformer` after every spatial transformer (`X.audio_modules.j` after `X.attentions.j`)."""
+        """A `RegionAudioTransformer` after every spatial transformer (`X.audio_modules.j` after `X.attentions.j`)."""
         channels = list(self.config.block_out_channels)
         layers = self.config.layers_per_block
         if not isinstance(layers, int):

@@ -161,7 +161,11 @@ class ReferenceNet(UNet2DConditionModel):
         flat = latents.flatten(0, 1)
         if context is None:
             context = self.null_context.to(flat.dtype).expand(flat.shape[0], -1, -1)
-        elif context.ndim != 3 or context.shape[0] != flat.shape[0] or context.shape[2] != self.config.cross_attention_dim:
+        elif (
+            context.ndim != 3
+            or context.shape[0] != flat.shape[0]
+            or context.shape[2] != self.config.cross_attention_dim
+        ):
             raise EMOInputError(
                 f"ReferenceNet context must have shape ({flat.shape[0]}, T, {self.config.cross_attention_dim}) "
                 f"(one per image), got {tuple(context.shape)}"
