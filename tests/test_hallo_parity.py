@@ -185,3 +185,79 @@ def test_missing_and_unexpected_keys_are_listed(models: HalloModels) -> None:
     unplaced = {**state, "vae.encoder.conv_in.weight": torch.zeros(1)}
     with pytest.raises(EMOInputError, match="no model takes"):
         load_hallo_weights(models, unplaced)
+
+
+# ------------------------------------------------------------------------------------ the options, one by one
+
+
+def test_audio_module_widths_follow_hallos_rule_at_sd15_size() -> None:
+    from emo_pipeline.models.audio_modules import audio_module_inner_dims
+
+    dims = audio_module_inner_dims([320, 640, 1280, 1280], layers_per_block=2)
+    # docs/hallo_architecture.md section 1.2, read off Hallo's instantiated classes
+    expected = {"down_blocks.0.audio_modules.0": 320, "down_blocks.0.audio_modules.1": 320}
+    expected |= {"down_blocks.1.audio_modules.0": 320, "down_blocks.1.audio_modules.1": 640}
+    expected |= {"down_blocks.2.audio_modules.0": 640, "down_blocks.2.audio_modules.1": 1280}
+    expected |= {"mid_block.audio_modules.0": 1280}
+    expected |= {f"up_blocks.{i}.audio_modules.{j}": w for i, w in ((1, 640), (2, 320), (3, 320)) for j in range(3)}
+    assert dims == expected
+
+
+def test_hallo_backbone_options_and_emo_defaults(models: HalloModels) -> None:
+    from emo_pipeline.models.backbone import EMOUNet3DConditionModel
+
+    config = models.backbone.config
+    assert (config.audio_attention, config.temporal_norm) == ("audio_modules", "per_frame")
+    assert sorted(config.disabled_temporal_layers) == ["down_blocks.3.motion_modules.0"] + [
+        f"up_blocks.0.motion_modules.{j}" for j in range(2)
+    ]
+    defaults = EMOUNet3DConditionModel.from_config(
+        {
+            **config,
+            "audio_attention": "attn2",
+            "temporal_norm": "across_frames",
+            "disabled_temporal_layers": None,
+            "audio_module_config": None,
+        }
+    )
+    assert not any(".audio_modules." in k for k in defaults.state_dict())
+    assert all(m.enabled and m.temporal_norm == "across_frames" for m in defaults.temporal_layers.values())
+
+
+def test_a_disabled_temporal_layer_is_the_identity(models: HalloModels) -> None:
+    layer = models.backbone.temporal_layers["down_blocks.3.motion_modules.0"]
+    states = torch.randn(2 * 3, layer.in_channels, 2, 2)
+    assert not layer.enabled
+    assert layer(states, num_frames=3) is states
+
+
+def test_samples_without_reference_rows_get_plain_self_attention(
+    models: HalloModels, golden: dict, conditioning: dict
+) -> None:
+    """Hallo's unconditional branch: the same call with and without reference tokens gives the same row 0."""
+    outputs = golden["outputs"]
+    reference = models.encode_reference(outputs["ref_latents_clip0"], conditioning["id_tokens"])
+    frames = 2
+    latents = golden["inputs"]["init_latents_clip0"][:, :, :frames]
+    audio = models.audio_tokens(golden["inputs"]["audio_emb_windowed"][:frames][None])
+    args = (latents, outputs["timesteps"][0])
+    kwargs = {"id_tokens": conditioning["id_tokens"], "audio_tokens": audio, "face_features": conditioning["face"]}
+    kwargs["region_masks"] = conditioning["masks"]
+    with_reference = models.denoise(*args, reference, **kwargs)
+    no_tokens = type(reference)(spatial={}, temporal=reference.temporal)
+    without = models.denoise(*args, no_tokens, **kwargs)
+    torch.testing.assert_close(with_reference[0], without[0], atol=1e-6, rtol=0)
+    assert (with_reference[1] - without[1]).abs().max() > 1e-2  # the cond branch does see the reference
+
+
+def test_face_locator_and_audio_projection_options_keep_emo_defaults() -> None:
+    from emo_pipeline.models.audio_projection import AudioProjection
+    from emo_pipeline.models.face_locator import FaceLocator
+
+    emo, hallo = FaceLocator(), FaceLocator(in_channels=3, same_width_convs=True)
+    assert [type(m).__name__ for m in emo.encoder] == ["Conv2d", "SiLU"] * 4
+    assert [m.stride[0] for m in hallo.encoder if isinstance(m, torch.nn.Conv2d)] == [1, 1, 2, 1, 2, 1, 2]
+    assert isinstance(AudioProjection().mlp[1], torch.nn.SiLU)
+    assert isinstance(AudioProjection(activation="relu").mlp[1], torch.nn.ReLU)
+    with pytest.raises(ValueError, match="activation"):
+        AudioProjection(activation="gelu")
