@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
 from emo_pipeline.errors import EMOInputError
 from emo_pipeline.models.attention import ReferenceFeatures
@@ -40,6 +40,8 @@ __all__ = [
     "check_hallo_state_dict",
     "infer_hallo_sizes",
     "convert_hallo_state_dict",
+    "hallo_generate",
+    "hallo_scheduler",
     "load_hallo_models",
     "load_hallo_state_dict",
     "load_hallo_weights",
@@ -288,6 +290,91 @@ class HalloModels:
             return_dict=False,
         )
         return output[0]
+
+
+HALLO_VAE_SCALE = 0.18215  # Hallo hard-codes SD's factor (face_animate.py), not vae.config.scaling_factor
+
+
+def hallo_scheduler(**overrides) -> DDIMScheduler:
+    """Hallo's sampler (configs/inference/default.yaml + inference.py:185-192): DDIM, v-prediction, zero-SNR."""
+    config = {
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "linear",
+        "clip_sample": False,
+        "steps_offset": 1,
+        "prediction_type": "v_prediction",
+        "rescale_betas_zero_snr": True,
+        "timestep_spacing": "trailing",
+    }
+    return DDIMScheduler(**{**config, **overrides})
+
+
+@torch.no_grad()
+def hallo_generate(
+    models: HalloModels,
+    vae: AutoencoderKL,
+    scheduler: DDIMScheduler,
+    source_image: torch.Tensor,
+    face_emb: torch.Tensor,
+    face_region: torch.Tensor,
+    audio_windows: torch.Tensor,
+    region_masks: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    num_frames: int = 16,
+    num_motion_frames: int = 2,
+    num_inference_steps: int = 40,
+    guidance_scale: float = 3.5,
+    motion_scale: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    generator: torch.Generator | None = None,
+    motion_frame_mask_rate: float | None = None,
+    audio_length: int | None = None,
+) -> torch.Tensor:
+    """Hallo's clip loop (scripts/inference.py:285-343 with `FaceAnimatePipeline`) on preprocessed inputs.
+
+    Args:
+        source_image: `(1, 3, H, W)` in [-1, 1]; face_emb: `(1, 512)` raw insightface embedding;
+        face_region: `(1, 3, H, W)` face box in [0, 1]; audio_windows: `(T, 5, layers, dim)` windowed wav2vec2
+        states of the whole (padded) audio, T a multiple of `num_frames`; region_masks: `{level: (full, face, lip)}`.
+        generator: CPU generator shared by the clips (Hallo: `torch.manual_seed(42)`): each clip draws its initial
+            noise `(1, 4, f, h, w)` from it.
+        motion_frame_mask_rate: Hallo2 (`inference_long.py`): before each clip's noise, one `rand(H, W)` mask keeps
+            motion-frame pixels where `> rate` or inside the face box (0.25 released); None for Hallo.
+    Returns:
+        `(1, 3, min(T, audio_length), H, W)` frames in [0, 1] (float32).
+    """
+    total = audio_windows.shape[0]
+    if total % num_frames:
+        raise EMOInputError(f"audio_windows has {total} frames, not a multiple of num_frames={num_frames}")
+    dtype = next(models.backbone.parameters()).dtype
+    id_tokens = models.identity_tokens(face_emb.to(dtype))
+    face = models.face_features(face_region.to(dtype))
+    motion_pixels = source_image.repeat(num_motion_frames, 1, 1, 1)  # clip 0: the source image itself
+    clips = []
+    for start in range(0, total, num_frames):
+        if motion_frame_mask_rate is not None:
+            height, width = source_image.shape[-2:]
+            keep = (torch.rand(height, width, generator=generator) > motion_frame_mask_rate) | (face_region[0, 0] > 0)
+            motion_pixels = motion_pixels * keep
+        ref_pixels = torch.cat([source_image, motion_pixels]).to(dtype)
+        ref_latents = vae.encode(ref_pixels).latent_dist.mean * HALLO_VAE_SCALE
+        height, width = ref_latents.shape[-2:]
+        latents = torch.randn((1, ref_latents.shape[1], num_frames, height, width), generator=generator)
+        latents = (latents * scheduler.init_noise_sigma).to(dtype)
+        reference = models.encode_reference(ref_latents, id_tokens)
+        audio = models.audio_tokens(audio_windows[start : start + num_frames][None].to(dtype))
+        scheduler.set_timesteps(num_inference_steps)
+        for t in scheduler.timesteps:
+            eps = models.denoise(latents, t, reference, id_tokens, audio, face, region_masks, motion_scale)
+            uncond, cond = eps.chunk(2)
+            guided = uncond + guidance_scale * (cond - uncond)
+            latents = scheduler.step(guided, t, latents, eta=0.0, return_dict=False)[0]
+        frames = latents[0].permute(1, 0, 2, 3) / HALLO_VAE_SCALE  # (f, 4, h, w), decoded one frame at a time
+        frames = torch.cat([vae.decode(frame[None]).sample for frame in frames])
+        frames = (frames / 2 + 0.5).clamp(0, 1).float()  # (f, 3, H, W)
+        clips.append(frames)
+        motion_pixels = frames[-num_motion_frames:].to(source_image.dtype) * 2.0 - 1.0
+    video = torch.cat(clips).permute(1, 0, 2, 3)[None]
+    return video[:, :, :audio_length] if audio_length is not None else video
 
 
 def build_hallo_models(
