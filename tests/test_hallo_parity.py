@@ -261,3 +261,55 @@ def test_face_locator_and_audio_projection_options_keep_emo_defaults() -> None:
     assert isinstance(AudioProjection(activation="relu").mlp[1], torch.nn.ReLU)
     with pytest.raises(ValueError, match="activation"):
         AudioProjection(activation="gelu")
+
+
+@pytest.mark.parametrize(("variant", "clip", "step"), [("hallo2", 0, 0), ("hallo2", 1, 2)])
+def test_hallo2_denoiser_matches_with_masked_motion_frames(models: HalloModels, variant: str, clip: int, step: int):
+    """Hallo2 shares the networks; its goldens' reference latents come from masked motion-frame pixels."""
+    folder = GOLDENS.parent / variant
+    inputs, outputs = load_file(folder / "inputs.safetensors"), load_file(folder / "outputs.safetensors")
+    id_tokens = models.identity_tokens(inputs["face_emb"])
+    masks = {level: tuple(inputs[f"{kind}_mask_{level}"] for kind in ("full", "face", "lip")) for level in range(4)}
+    reference = models.encode_reference(outputs[f"ref_latents_clip{clip}"], id_tokens)
+    audio = models.audio_tokens(inputs["audio_emb_windowed"][clip * FRAMES : (clip + 1) * FRAMES][None])
+    latents = inputs["init_latents_clip0"] if step == 0 else outputs[f"latents_clip{clip}_step{step - 1}"]
+    face = models.face_features(inputs["face_region"][None])
+    eps = models.denoise(latents, outputs["timesteps"][step], reference, id_tokens, audio, face, masks)
+    torch.testing.assert_close(eps, outputs[f"noise_pred_clip{clip}_step{step}"], atol=STEP_ATOL, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["hallo", "hallo2"])
+def test_hallo_generate_reproduces_the_golden_video(models: HalloModels, variant: str) -> None:
+    """The whole clip loop, free-running from Hallo's seed: frames within Hallo's own float-noise floor."""
+    from diffusers import AutoencoderKL
+
+    from emo_pipeline.hallo import hallo_generate, hallo_scheduler
+
+    folder = GOLDENS.parent / variant
+    meta = json.loads((folder / "metadata.json").read_text())
+    inputs, outputs = load_file(folder / "inputs.safetensors"), load_file(folder / "outputs.safetensors")
+    vae = AutoencoderKL.from_pretrained(GOLDENS / "vae").eval()
+    masks = {level: tuple(inputs[f"{kind}_mask_{level}"] for kind in ("full", "face", "lip")) for level in range(4)}
+    video = hallo_generate(
+        models,
+        vae,
+        hallo_scheduler(),
+        inputs["source_image"],
+        inputs["face_emb"],
+        inputs["face_region"][None],
+        inputs["audio_emb_windowed"],
+        masks,
+        num_frames=meta["num_frames_per_clip"],
+        num_motion_frames=meta["num_motion_frames"],
+        num_inference_steps=meta["num_inference_steps"],
+        guidance_scale=meta["guidance_scale"],
+        generator=torch.Generator().manual_seed(meta["seed"]),
+        motion_frame_mask_rate=0.25 if variant == "hallo2" else None,
+        audio_length=meta["audio_length"],
+    )
+    assert video.shape == (1, 3, meta["audio_length"], meta["size"], meta["size"])
+    for clip in range(meta["num_clips"]):
+        frames = video[:, :, clip * FRAMES : (clip + 1) * FRAMES]
+        floor = meta["float_noise_floor"][f"frames_clip{clip}"]
+        torch.testing.assert_close(frames, outputs[f"frames_clip{clip}"], atol=2 * floor, rtol=0)
