@@ -75,7 +75,19 @@ class ConditioningState:
     `reached` is a set while conditioning reach is being recorded (eager calls), else None (compiled calls).
     """
 
-    __slots__ = ("num_frames", "spatial", "key_value", "temporal", "speed_embeddings", "face_features", "reached")
+    __slots__ = (
+        "num_frames",
+        "spatial",
+        "key_value",
+        "temporal",
+        "speed_embeddings",
+        "face_features",
+        "reached",
+        "reference_rows",
+        "audio_module_tokens",
+        "audio_module_masks",
+        "audio_module_scales",
+    )
 
     def __init__(self) -> None:
         self.clear()
@@ -88,6 +100,14 @@ class ConditioningState:
         self.speed_embeddings: torch.Tensor | None = None  # (B, F, l)
         self.face_features: torch.Tensor | None = None  # (B, C, h, w)
         self.reached: set[str] | None = None
+        # Checkpoint families other than EMO (all None for EMO):
+        # `reference_rows` (B,) bool: which samples attend to the reference (Hallo: not the unconditional branch);
+        self.reference_rows: torch.Tensor | None = None
+        # inputs of Hallo-style audio modules (`emo_pipeline.models.audio_modules`): tokens (B*F, T, C), per-level
+        # region masks {level: (B*F, h_l*w_l) x 3 (full, face, lip)} and the three region weights.
+        self.audio_module_tokens: torch.Tensor | None = None
+        self.audio_module_masks: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        self.audio_module_scales: tuple[float, float, float] | None = None
 
     def snapshot(self) -> tuple:
         return tuple(getattr(self, name) for name in self.__slots__)
@@ -142,7 +162,12 @@ def broadcast_batch(features: torch.Tensor, batch: int, name: str) -> torch.Tens
 
 
 def _per_frame(tokens: torch.Tensor, batch_frames: int, num_frames: int, name: str) -> torch.Tensor:
-    """`(b, T, C)` per-sample tokens -> `(B*F, T, C)`: the same tokens for every frame of each sample's clip."""
+    """`(b, T, C)` per-sample tokens -> `(B*F, T, C)`: the same tokens for every frame of each sample's clip.
+
+    Tokens that already have `B*F` rows are per frame and pass unchanged (Hallo's bank tiles copies over frames).
+    """
+    if tokens.shape[0] == batch_frames:
+        return tokens
     tokens = broadcast_batch(tokens, batch_frames // num_frames, name)
     return tokens.repeat_interleave(num_frames, dim=0)
 
@@ -210,6 +235,8 @@ class ReferenceAttentionHook:
         batch_frames = hidden_states.shape[0]
         kwargs = dict(kwargs)
         cached = state.key_value.get(self.name) if state.key_value is not None else None
+        if state.reference_rows is not None:
+            cached = None  # the masked path below needs the tokens
         if cached is not None and isinstance(attn.processor, EMOAttnProcessor):
             kwargs["reference_key"] = _per_frame(cached[0], batch_frames, state.num_frames, self.name)
             kwargs["reference_value"] = _per_frame(cached[1], batch_frames, state.num_frames, self.name)
@@ -222,8 +249,26 @@ class ReferenceAttentionHook:
                 )
             tokens = _per_frame(tokens.to(hidden_states.dtype), batch_frames, state.num_frames, self.name)
             kwargs["encoder_hidden_states"] = torch.cat([hidden_states, tokens], dim=1)
+            if state.reference_rows is not None:
+                kwargs["attention_mask"] = _reference_row_mask(
+                    state.reference_rows, hidden_states, tokens.shape[1], state.num_frames
+                )
         state.mark(self.name)
         return args, kwargs
+
+
+def _reference_row_mask(
+    rows: torch.Tensor, hidden_states: torch.Tensor, num_reference: int, num_frames: int
+) -> torch.Tensor:
+    """Additive mask `(B*F, 1, L + R)`: samples with `rows[b]` False do not see the R reference keys.
+
+    A key masked with -inf gets exactly zero weight, so those samples get plain self-attention.
+    """
+    batch_frames, length = hidden_states.shape[:2]
+    hidden = ~rows.to(device=hidden_states.device, dtype=torch.bool).repeat_interleave(num_frames)
+    mask = torch.zeros(batch_frames, 1, length + num_reference, device=hidden_states.device, dtype=hidden_states.dtype)
+    mask[:, :, length:] = torch.where(hidden[:, None, None], float("-inf"), 0.0).to(mask.dtype)
+    return mask
 
 
 def reference_key_value(attn: Attention, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

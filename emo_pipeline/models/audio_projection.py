@@ -29,13 +29,18 @@ class AudioProjection(ModelMixin, ConfigMixin):
         num_tokens: int = 32,
         hidden_dim: int = 512,
         output_dim: int = 768,  # SD1.5 text-context width, so attn2 keeps its weights
+        activation: str = "silu",  # "silu" (EMO) or "relu" (Hallo's AudioProjModel)
     ):
         super().__init__()
+        activations = {"silu": nn.SiLU, "relu": nn.ReLU}
+        if activation not in activations:
+            raise ValueError(f"activation must be one of {sorted(activations)}, got {activation!r}")
+        act = activations[activation]
         self.mlp = nn.Sequential(
             nn.Linear(window_size * num_layers * audio_dim, hidden_dim),
-            nn.SiLU(),
+            act(),
             nn.Linear(hidden_dim, hidden_dim),
-            nn.SiLU(),
+            act(),
             nn.Linear(hidden_dim, num_tokens * output_dim),
         )
         self.norm = nn.LayerNorm(output_dim)

@@ -36,6 +36,7 @@ from emo_pipeline.models.attention import (
     checkpoint_with_state,
     reference_key_value,
 )
+from emo_pipeline.models.audio_modules import AudioModuleHook, RegionAudioTransformer, audio_module_inner_dims
 from emo_pipeline.models.audio_projection import AudioProjection
 from emo_pipeline.models.face_locator import FaceLocator
 from emo_pipeline.models.speed import SpeedEncoder
@@ -46,7 +47,9 @@ __all__ = ["EMOUNet3DConditionModel", "ModelMixin"]
 
 # Parameter groups the training stages select by name (see configs/train/*.yaml and emo_pipeline.config).
 PARAMETER_GROUPS: dict[str, Callable[[str], bool]] = {
-    "audio": lambda n: n.startswith("audio_proj.") or (".attn2." in n and "motion_modules" not in n),
+    "audio": lambda n: (
+        n.startswith("audio_proj.") or ".audio_modules." in n or (".attn2." in n and "motion_modules" not in n)
+    ),
     "face_locator": lambda n: n.startswith("face_locator."),
     "speed": lambda n: n.startswith("speed_encoder.") or ".speed_" in n,
     "temporal": lambda n: "motion_modules." in n and ".speed_" not in n,
@@ -67,8 +70,27 @@ class EMOUNet3DConditionModel(UNetMotionModel):
         audio_projection_config: dict | None = None,
         face_locator_config: dict | None = None,
         speed_encoder_config: dict | None = None,
+        audio_attention: str = "attn2",
+        temporal_norm: str = "across_frames",
+        disabled_temporal_layers: list[str] | None = None,
+        audio_module_config: dict | None = None,
         **kwargs,
     ):
+        """EMO's own fields plus the options of other checkpoint families (defaults: EMO; DESIGN section 6):
+
+        `audio_attention`: "attn2" (EMO: the spatial transformers' attn2 attends to the audio tokens) or
+        "audio_modules" (Hallo: a region-masked audio transformer after every spatial transformer, attn2 then attends
+        to `context_tokens`, e.g. identity tokens; `emo_pipeline.models.audio_modules`).
+        `audio_module_config`: `{"heads": 8, "cross_attention_dim": audio token width, "inner_dims": {name: dim}}`
+        (inner dims default to Hallo's rule, `audio_module_inner_dims`).
+        `temporal_norm`: "across_frames" (diffusers / EMO) or "per_frame" (original AnimateDiff, Hallo).
+        `disabled_temporal_layers`: temporal layers that are loaded but act as the identity (Hallo never runs
+        `down_blocks.3.motion_modules.*` and `up_blocks.0.motion_modules.*`).
+        """
+        if audio_attention not in ("attn2", "audio_modules"):
+            raise ValueError(f"audio_attention must be 'attn2' or 'audio_modules', got {audio_attention!r}")
+        if temporal_norm not in ("across_frames", "per_frame"):
+            raise ValueError(f"temporal_norm must be 'across_frames' or 'per_frame', got {temporal_norm!r}")
         super().__init__(*args, **kwargs)
         audio_projection_config = {"output_dim": self.config.cross_attention_dim, **(audio_projection_config or {})}
         face_locator_config = {"out_channels": self.config.block_out_channels[0], **(face_locator_config or {})}
@@ -76,7 +98,7 @@ class EMOUNet3DConditionModel(UNetMotionModel):
         self.audio_proj = AudioProjection(**audio_projection_config)
         self.face_locator = FaceLocator(**face_locator_config)
         self.speed_encoder = SpeedEncoder(**speed_encoder_config)
-        if self.audio_proj.config.output_dim != self.config.cross_attention_dim:
+        if audio_attention == "attn2" and self.audio_proj.config.output_dim != self.config.cross_attention_dim:
             raise ValueError(
                 f"audio_projection_config output_dim ({self.audio_proj.config.output_dim}) must equal the UNet's "
                 f"cross_attention_dim ({self.config.cross_attention_dim})"
@@ -98,12 +120,64 @@ class EMOUNet3DConditionModel(UNetMotionModel):
             if name.endswith(".attn1") and "motion_modules" not in name and isinstance(module, Attention):
                 module.register_forward_pre_hook(ReferenceAttentionHook(name, self._conditioning), with_kwargs=True)
                 self._reference_layer_names.append(name)
-        self._temporal_layer_names = list(self.temporal_layers)
+        disabled = set(disabled_temporal_layers or ())
+        unknown = disabled - set(self.temporal_layers)
+        if unknown:
+            raise ValueError(f"disabled_temporal_layers names no temporal layer: {sorted(unknown)}")
+        for name, module in self.temporal_layers.items():
+            module.temporal_norm = temporal_norm
+            module.enabled = name not in disabled
+        self._temporal_layer_names = [name for name in self.temporal_layers if name not in disabled]
+        self._audio_module_names: list[str] = []
+        if audio_attention == "audio_modules":
+            audio_module_config = self._add_audio_modules(dict(audio_module_config or {}))
+            self.register_to_config(audio_module_config=audio_module_config)
         self._install_emo_processors()
         self.conv_in.register_forward_hook(FaceFeaturesHook(self._conditioning))
 
+    def _add_audio_modules(self, config: dict) -> dict:
+        """A `RegionAudioTransformer` after every spatial transformer (`X.audio_modules.j` after `X.attentions.j`)."""
+        channels = list(self.config.block_out_channels)
+        layers = self.config.layers_per_block
+        if not isinstance(layers, int):
+            raise ValueError("audio_attention='audio_modules' needs an int layers_per_block")
+        heads = int(config.get("heads", 8))
+        cross_dim = int(config.get("cross_attention_dim", self.audio_proj.config.output_dim))
+        inner_dims = {**audio_module_inner_dims(channels, layers), **config.get("inner_dims", {})}
+        if self.audio_proj.config.output_dim != cross_dim:
+            raise ValueError(
+                f"audio_projection_config output_dim ({self.audio_proj.config.output_dim}) must equal the audio "
+                f"modules' cross_attention_dim ({cross_dim})"
+            )
+        last = len(channels) - 1
+        blocks = [(f"down_blocks.{i}", b, i) for i, b in enumerate(self.down_blocks)]
+        blocks.append(("mid_block", self.mid_block, last))
+        blocks += [(f"up_blocks.{i}", b, last - i) for i, b in enumerate(self.up_blocks)]
+        groups = self.config.norm_num_groups
+        for prefix, block, level in blocks:
+            attentions = getattr(block, "attentions", None)
+            if not attentions:
+                continue
+            modules = []
+            for j, transformer in enumerate(attentions):
+                name = f"{prefix}.audio_modules.{j}"
+                width = transformer.norm.num_channels
+                module = RegionAudioTransformer(width, inner_dims[name], heads, cross_dim, groups)
+                transformer.register_forward_hook(AudioModuleHook(name, module, level, self._conditioning))
+                modules.append(module)
+                self._audio_module_names.append(name)
+            block.audio_modules = torch.nn.ModuleList(modules)
+        return {"heads": heads, "cross_attention_dim": cross_dim, "inner_dims": inner_dims}
+
     __init__.__signature__ = extend_init_signature(
-        UNetMotionModel.__init__, audio_projection_config=None, face_locator_config=None, speed_encoder_config=None
+        UNetMotionModel.__init__,
+        audio_projection_config=None,
+        face_locator_config=None,
+        speed_encoder_config=None,
+        audio_attention="attn2",
+        temporal_norm="across_frames",
+        disabled_temporal_layers=None,
+        audio_module_config=None,
     )
     __init__ = register_to_config(__init__)
 
@@ -268,6 +342,10 @@ class EMOUNet3DConditionModel(UNetMotionModel):
         audio_tokens: torch.Tensor | None = None,
         face_features: torch.Tensor | None = None,
         speed_embeddings: torch.Tensor | None = None,
+        context_tokens: torch.Tensor | None = None,
+        region_masks: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
+        region_scales: tuple[float, float, float] | None = None,
+        reference_rows: torch.Tensor | None = None,
     ) -> UNetMotionOutput | tuple[torch.Tensor]:
         """Predict noise for a clip.
 
@@ -281,6 +359,12 @@ class EMOUNet3DConditionModel(UNetMotionModel):
             speed: `(B, F)` head rotation speed in rad/s.
             audio_tokens, face_features, speed_embeddings: the same three already encoded (`encode_conditioning`),
                 in place of `audio_features`, `face_mask`, `speed`.
+            context_tokens: `(B*F, T, C)` attn2 context when `audio_attention="audio_modules"` (Hallo: identity
+                tokens); the audio tokens then go to the audio modules.
+            region_masks: `{level: (full, face, lip)}`, each broadcastable to `(B*F, h_l*w_l)` in [0, 1] (level 0 =
+                latent resolution), and `region_scales` their weights (audio modules only).
+            reference_rows: `(B,)` bool, which samples attend to the reference tokens (default: all; Hallo's
+                unconditional branch does not).
             Conditioning whose batch divides B is tiled along the batch (guidance stacks branches that share it).
         Returns:
             `UNetMotionOutput` with `.sample (B, 4, F, h, w)`, or a 1-tuple when `return_dict=False`.
@@ -303,9 +387,20 @@ class EMOUNet3DConditionModel(UNetMotionModel):
             state.temporal = reference_features.temporal or None
         state.speed_embeddings = speed_embeddings
         state.face_features = face_features
+        state.reference_rows = reference_rows
+        attn2_context = audio_tokens
+        if self._audio_module_names:
+            if context_tokens is None or region_masks is None:
+                raise EMOInputError(
+                    "this backbone has audio modules (audio_attention='audio_modules'): pass context_tokens "
+                    "(B*F, T, C) for attn2 and region_masks {level: (full, face, lip)}"
+                )
+            state.audio_module_tokens, state.audio_module_masks = audio_tokens, region_masks
+            state.audio_module_scales = region_scales
+            attn2_context = context_tokens.to(sample.dtype)
         state.reached = set() if eager else None
         try:
-            output = super().forward(sample, timestep, encoder_hidden_states=audio_tokens, return_dict=return_dict)
+            output = super().forward(sample, timestep, encoder_hidden_states=attn2_context, return_dict=return_dict)
             if eager:
                 self._check_reached(state)
         finally:
@@ -325,6 +420,8 @@ class EMOUNet3DConditionModel(UNetMotionModel):
             expected += self._temporal_layer_names
         if state.face_features is not None:
             expected.append("conv_in")
+        if state.audio_module_tokens is not None:
+            expected += self._audio_module_names
         missed = [name for name in expected if name not in reached]
         if missed:
             raise RuntimeError(

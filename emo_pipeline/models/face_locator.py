@@ -25,10 +25,15 @@ class FaceLocator(ModelMixin, ConfigMixin):
         in_channels: int = 1,
         channels: tuple[int, ...] = (16, 32, 64, 128),  # three stride-2 steps: the SD VAE's factor of 8
         out_channels: int = 320,  # SD1.5 conv_in width
+        same_width_convs: bool = False,
     ):
+        """`same_width_convs`: a stride-1 conv (c_in -> c_in) + SiLU before every stride-2 conv, the layout of
+        ControlNet's conditioning embedding that Hallo's FaceLocator uses (EMO's: False)."""
         super().__init__()
         layers: list[nn.Module] = [nn.Conv2d(in_channels, channels[0], 3, padding=1), nn.SiLU()]
         for c_in, c_out in zip(channels[:-1], channels[1:]):
+            if same_width_convs:
+                layers += [nn.Conv2d(c_in, c_in, 3, padding=1), nn.SiLU()]
             layers += [nn.Conv2d(c_in, c_out, 3, padding=1, stride=2), nn.SiLU()]
         self.encoder = nn.Sequential(*layers)
         self.conv_out = nn.Conv2d(channels[-1], out_channels, 3, padding=1)

@@ -137,10 +137,14 @@ class ReferenceNet(UNet2DConditionModel):
         """Names of the attn1 modules whose inputs are captured."""
         return list(self._spatial_names)
 
-    def forward(self, latents: torch.Tensor, timestep: torch.Tensor | float | int = 0) -> ReferenceFeatures:
+    def forward(
+        self, latents: torch.Tensor, timestep: torch.Tensor | float | int = 0, context: torch.Tensor | None = None
+    ) -> ReferenceFeatures:
         """Encode reference latents.
 
         `latents (B, 4, h, w)` (a reference image) or `(B, n, 4, h, w)` (n motion frames).
+        `context`: attn2 context `(B*n, T, cross_attention_dim)`, one per image in `latents.flatten(0, 1)` order
+        (e.g. Hallo's identity tokens); default: the stored null context.
         Returns `ReferenceFeatures` with `spatial[name] (B, n*h*w, C)` (n = 1 for 4-D input) and
         `temporal[name] (B, n, C, h_l, w_l)`.
         """
@@ -155,7 +159,17 @@ class ReferenceNet(UNet2DConditionModel):
         if frames == 0:
             return ReferenceFeatures()
         flat = latents.flatten(0, 1)
-        context = self.null_context.to(flat.dtype).expand(flat.shape[0], -1, -1)
+        if context is None:
+            context = self.null_context.to(flat.dtype).expand(flat.shape[0], -1, -1)
+        elif (
+            context.ndim != 3
+            or context.shape[0] != flat.shape[0]
+            or context.shape[2] != self.config.cross_attention_dim
+        ):
+            raise EMOInputError(
+                f"ReferenceNet context must have shape ({flat.shape[0]}, T, {self.config.cross_attention_dim}) "
+                f"(one per image), got {tuple(context.shape)}"
+            )
         store = self._capture
         store.spatial, store.temporal = {}, {}
         try:

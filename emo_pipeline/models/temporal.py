@@ -39,6 +39,12 @@ class EMOTemporalTransformer3D(AnimateDiffTransformer3D):
 
     emo_name: str
     _emo_state: ConditioningState
+    # Checkpoint-family options (class defaults are EMO's; `EMOUNet3DConditionModel` sets them per layer):
+    # `temporal_norm`: "across_frames" (diffusers/EMO: GroupNorm over (C, T, h, w) jointly) or "per_frame"
+    # (original AnimateDiff as run by Hallo: GroupNorm of every frame on its own);
+    # `enabled`: False makes the layer the identity (Hallo loads but never runs down_blocks.3 / up_blocks.0's).
+    temporal_norm: str = "across_frames"
+    enabled: bool = True
 
     @classmethod
     def from_animatediff(
@@ -87,6 +93,8 @@ class EMOTemporalTransformer3D(AnimateDiffTransformer3D):
         num_frames: int = 1,
         cross_attention_kwargs: dict | None = None,
     ) -> torch.Tensor:
+        if not self.enabled:
+            return hidden_states
         batch_frames, channels, height, width = hidden_states.shape
         batch = batch_frames // num_frames
         state = self._emo_state
@@ -104,8 +112,13 @@ class EMOTemporalTransformer3D(AnimateDiffTransformer3D):
         states = hidden_states.reshape(batch, num_frames, channels, height, width)
         if motion is not None:
             states = torch.cat([motion.to(states.dtype), states], dim=1)
-        states = self.norm(states.permute(0, 2, 1, 3, 4))  # GroupNorm over (C, T, h, w)
-        states = states.permute(0, 3, 4, 2, 1).reshape(batch * height * width, total, channels)
+        if self.temporal_norm == "per_frame":  # GroupNorm over (C, h, w) of each frame
+            states = self.norm(states.reshape(batch * total, channels, height, width))
+            states = states.reshape(batch, total, channels, height, width).permute(0, 3, 4, 1, 2)
+        else:
+            states = self.norm(states.permute(0, 2, 1, 3, 4))  # GroupNorm over (C, T, h, w)
+            states = states.permute(0, 3, 4, 2, 1)
+        states = states.reshape(batch * height * width, total, channels)
         states = self.proj_in(states)
 
         for block, speed_norm, speed_attention in zip(
