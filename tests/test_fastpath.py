@@ -7,29 +7,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 import torch
+from pipeline_settings import IMAGE, settings
 
 from emo_pipeline import EMOInputError
 from emo_pipeline.pipeline_emo import DEFAULT_TINY_DECODER
 from emo_pipeline.testing import TINY_TAESD_CONFIG, tiny_emo_pipeline, tiny_taesd
 
-FPS, F, N = 25, 4, 2
-IMAGE = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
 AUDIO = (np.random.default_rng(0).standard_normal(round(0.2 * 16000)) * 0.1).astype(np.float32)  # 5 frames, 2 clips
-
-
-def settings(**overrides):
-    base = {
-        "height": 64,
-        "width": 64,
-        "fps": FPS,
-        "num_frames_per_clip": F,
-        "num_motion_frames": N,
-        "num_inference_steps": 2,
-        "face_box": (16, 12, 48, 52),
-        "watermark": False,
-        "generator": torch.Generator().manual_seed(0),
-    }
-    return {**base, **overrides}
 
 
 @pytest.fixture(scope="module")

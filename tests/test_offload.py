@@ -17,29 +17,13 @@ import pytest
 import torch
 from accelerate import cpu_offload
 from diffusers.hooks import apply_group_offloading
+from pipeline_settings import IMAGE, settings
 
 from emo_pipeline.audio import extract_audio_features
 from emo_pipeline.devices import compute_device
 from emo_pipeline.testing import randomize_zero_initialized_layers, tiny_emo_pipeline, tiny_wav2vec2
 
-IMAGE = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-FACE_BOX = (16, 12, 48, 52)
 AUDIO = (np.random.default_rng(0).standard_normal(round(0.3 * 16000)) * 0.1).astype(np.float32)  # 8 frames, 2 clips
-
-
-def settings(**overrides):
-    base = {
-        "height": 64,
-        "width": 64,
-        "fps": 25,
-        "num_frames_per_clip": 4,
-        "num_motion_frames": 2,
-        "num_inference_steps": 2,
-        "face_box": FACE_BOX,
-        "watermark": False,
-        "generator": torch.Generator().manual_seed(0),
-    }
-    return {**base, **overrides}
 
 
 def make_pipe():

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pipeline_settings import FACE_BOX, FPS, IMAGE, F, N, settings, speech
 
 from emo_pipeline import EMOInputError, EMOPipeline
 from emo_pipeline.audio import iter_audio_features, num_video_frames, window_audio_features
@@ -24,29 +25,6 @@ from emo_pipeline.face import prepare_portrait
 from emo_pipeline.models.attention import ReferenceFeatures
 from emo_pipeline.pipeline_emo import SCHEDULERS, GenerationSettings, _AudioWindows
 from emo_pipeline.testing import demo_assets, randomize_zero_initialized_layers, tiny_emo_pipeline
-
-FPS, F, N = 25, 4, 2
-IMAGE = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-FACE_BOX = (16, 12, 48, 52)  # given by hand: these tests need no face detector
-
-
-def speech(seconds: float, seed: int = 0) -> np.ndarray:
-    return (np.random.default_rng(seed).standard_normal(round(seconds * 16000)) * 0.1).astype(np.float32)
-
-
-def settings(**overrides):
-    base = {
-        "height": 64,
-        "width": 64,
-        "fps": FPS,
-        "num_frames_per_clip": F,
-        "num_motion_frames": N,
-        "num_inference_steps": 2,
-        "face_box": FACE_BOX,
-        "watermark": False,
-        "generator": torch.Generator().manual_seed(0),
-    }
-    return {**base, **overrides}
 
 
 @pytest.fixture

@@ -4,29 +4,20 @@ a bounded difference from the uncached frames, and the backbone restored afterwa
 import numpy as np
 import pytest
 import torch
+from pipeline_settings import IMAGE
+from pipeline_settings import settings as fast_settings
 
 from emo_pipeline import EMOInputError
 from emo_pipeline.models.step_cache import StepCache
 from emo_pipeline.testing import randomize_zero_initialized_layers, tiny_emo_pipeline
 
-IMAGE = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
 AUDIO = (np.random.default_rng(0).standard_normal(int(0.2 * 16000)) * 0.1).astype(np.float32)  # 5 frames: 2 clips
 
 
 def settings(seed: int = 0, **overrides) -> dict:
-    base = {
-        "height": 64,
-        "width": 64,
-        "fps": 25,
-        "num_frames_per_clip": 3,
-        "num_motion_frames": 1,
-        "num_inference_steps": 4,
-        "face_box": (16, 12, 48, 52),
-        "watermark": False,
-        "speed": 0.5,
-        "generator": torch.Generator().manual_seed(seed),
-    }
-    return {**base, **overrides}
+    """3-frame clips, 1 motion frame, 4 steps (so a cache interval has steps to skip), with head speed."""
+    cache_run = {"num_frames_per_clip": 3, "num_motion_frames": 1, "num_inference_steps": 4, "speed": 0.5}
+    return fast_settings(seed, **{**cache_run, **overrides})
 
 
 @pytest.fixture(scope="module")
