@@ -22,6 +22,7 @@ used directly here. insightface, onnxruntime and audio-separator are an optional
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import tempfile
@@ -72,6 +73,9 @@ LIP_BLUR_KERNEL = (31, 31)  # util.py:514 get_mask
 HALLO_FACE_ANALYSIS_FILES = ("scrfd_10g_bnkps.onnx", "glintr100.onnx")
 #: audio-separator's default vocal model in Hallo's configs (audio_separator.model_path).
 DEFAULT_VOCAL_MODEL = "Kim_Vocal_2.onnx"
+#: Model lists audio-separator reads from its model folder and downloads when absent (Hallo's download ships them in
+#: pretrained_models/audio_separator): with them present it runs offline.
+AUDIO_SEPARATOR_DATA_FILES = ("download_checks.json", "mdx_model_data.json", "vr_model_data.json")
 
 _HALLO_EXTRA = 'pip install "emo-pipeline[hallo]"'
 
@@ -360,13 +364,25 @@ def _load_face_analysis(models_dir: Path, providers: tuple[str, ...], det_size: 
     key = (os.fspath(models_dir), providers, det_size)
     if key not in _FACE_ANALYSIS_CACHE:
         face_analysis_class = _import_face_analysis()
-        analysis = face_analysis_class(
-            name=os.fspath(models_dir),
-            root=os.fspath(models_dir.parent),
-            allowed_modules=["detection", "recognition"],
-            providers=list(providers),
-        )
-        analysis.prepare(ctx_id=0, det_size=det_size)
+        try:
+            analysis = face_analysis_class(
+                name=os.fspath(models_dir),
+                root=os.fspath(models_dir.parent),
+                allowed_modules=["detection", "recognition"],
+                providers=list(providers),
+            )
+            analysis.prepare(ctx_id=0, det_size=det_size)
+        except Exception as error:  # onnxruntime's errors for a truncated file, insightface's assert, ...
+            raise EMOInputError(
+                f"insightface could not load the face analysis models in {os.fspath(models_dir)!r} ({error}); "
+                f"download {', '.join(HALLO_FACE_ANALYSIS_FILES)} again (a truncated file does this), "
+                "or pass the (1, 512) embedding directly with face_embedding="
+            ) from error
+        if "recognition" not in getattr(analysis, "models", {}):
+            raise EMOInputError(
+                f"insightface found no recognition model in {os.fspath(models_dir)!r} (expected "
+                f"{HALLO_FACE_ANALYSIS_FILES[1]}): the face embedding needs it"
+            )
         _FACE_ANALYSIS_CACHE[key] = analysis
     return _FACE_ANALYSIS_CACHE[key]
 
@@ -553,6 +569,7 @@ def hallo_audio_features(
             f"samples must be non-empty 1-D float mono audio (see load_audio), got shape {samples.shape} "
             f"dtype {samples.dtype}"
         )
+    samples = samples.astype(np.float32, copy=False)  # Hallo's librosa.load gives float32
     for name, value in (("fps", fps), ("sample_rate", sample_rate)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
             raise EMOInputError(f"{name} must be a positive int, got {value!r}")
@@ -635,8 +652,8 @@ def separate_vocals(
         `(M,)` float32 mono vocals at `output_sample_rate`.
 
     Raises:
-        EMOInputError: audio-separator not installed (the `hallo` extra), the model file missing (names the path),
-        or the separator producing no output.
+        EMOInputError: audio-separator not installed (the `hallo` extra), a model file missing (names the folder
+        and the files), audio-separator failing to load the model (e.g. no `ffmpeg` command), or no output.
     """
     from emo_pipeline.audio import load_audio
 
@@ -647,11 +664,14 @@ def separate_vocals(
         )
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
         raise EMOInputError(f"sample_rate must be a positive int (Hz), got {sample_rate!r}")
-    model_path = Path(model_dir).expanduser() / model_name
-    if not model_path.is_file():
+    folder = Path(model_dir).expanduser()
+    model_path = folder / model_name
+    missing = [name for name in (model_name, *AUDIO_SEPARATOR_DATA_FILES) if not (folder / name).is_file()]
+    if missing:
         raise EMOInputError(
-            f"vocal separation model {os.fspath(model_path)!r} not found: download {model_name} into "
-            f"{os.fspath(Path(model_dir))!r} (Hallo's pretrained_models/audio_separator), or skip vocal separation"
+            f"vocal separation model folder {os.fspath(folder)!r} lacks {', '.join(missing)}: it needs "
+            f"{model_name} and {', '.join(AUDIO_SEPARATOR_DATA_FILES)} (Hallo's pretrained_models/audio_separator; "
+            "without the .json files audio-separator tries to download them), or skip vocal separation"
         )
     try:
         import soundfile
@@ -664,10 +684,19 @@ def separate_vocals(
     with tempfile.TemporaryDirectory(prefix="emo-vocals-") as work_dir:
         source = Path(work_dir) / "driving_audio.wav"
         soundfile.write(source, samples.astype(np.float32), int(sample_rate), subtype="FLOAT")
-        separator = Separator(
-            output_dir=work_dir, output_single_stem="vocals", model_file_dir=os.fspath(model_path.parent)
-        )
-        separator.load_model(model_name)
+        try:
+            separator = Separator(
+                log_level=logging.WARNING,
+                output_dir=work_dir,
+                output_single_stem="vocals",
+                model_file_dir=os.fspath(folder),
+            )
+            separator.load_model(model_name)
+        except Exception as error:  # no ffmpeg command, an unreadable model, a broken onnx2torch/torchvision, ...
+            raise EMOInputError(
+                f"audio-separator could not load {os.fspath(model_path)!r}: {type(error).__name__}: {error} "
+                "(it also needs the ffmpeg command on PATH)"
+            ) from error
         outputs = separator.separate(os.fspath(source))
         if not outputs:
             raise EMOInputError(f"audio-separator produced no vocal stem with {os.fspath(model_path)!r}")

@@ -196,6 +196,15 @@ def test_face_embedding_names_missing_model_files(monkeypatch, tmp_path) -> None
         hallo_face_embedding(Image.new("RGB", (64, 64)), tmp_path / "face_analysis")
 
 
+def test_face_embedding_names_unloadable_model_files(tmp_path) -> None:
+    """Real insightface + onnxruntime on zero-byte model files (what an interrupted download leaves)."""
+    pytest.importorskip("insightface")
+    pytest.importorskip("onnxruntime")
+    folder = _fake_models_dir(tmp_path)
+    with pytest.raises(EMOInputError, match=r"could not load the face analysis models.*download"):
+        hallo_face_embedding(Image.new("RGB", (64, 64)), folder, providers=("CPUExecutionProvider",))
+
+
 class _FakeFaceAnalysis:
     """Stands in for insightface's FaceAnalysis to test our handling of its answer (not its embedding)."""
 
@@ -354,13 +363,18 @@ def test_audio_features_reject_bad_inputs(wav2vec_golden) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_separate_vocals_names_the_missing_model_file(tmp_path) -> None:
-    with pytest.raises(EMOInputError, match=r"Kim_Vocal_2\.onnx.*not found"):
+def test_separate_vocals_names_the_missing_model_files(tmp_path) -> None:
+    with pytest.raises(EMOInputError, match=r"lacks Kim_Vocal_2\.onnx, download_checks\.json, mdx_model_data\.json"):
+        separate_vocals(np.zeros(1600, np.float32), 16000, tmp_path)
+    for name in ("Kim_Vocal_2.onnx", "download_checks.json", "mdx_model_data.json"):
+        (tmp_path / name).write_bytes(b"{}")
+    with pytest.raises(EMOInputError, match=r"lacks vr_model_data\.json:"):
         separate_vocals(np.zeros(1600, np.float32), 16000, tmp_path)
 
 
 def test_separate_vocals_without_audio_separator_names_the_extra(monkeypatch, tmp_path) -> None:
-    (tmp_path / "Kim_Vocal_2.onnx").write_bytes(b"")
+    for name in ("Kim_Vocal_2.onnx", *hallo_inputs.AUDIO_SEPARATOR_DATA_FILES):
+        (tmp_path / name).write_bytes(b"{}")
     monkeypatch.setitem(sys.modules, "audio_separator", None)
     monkeypatch.setitem(sys.modules, "audio_separator.separator", None)
     with pytest.raises(EMOInputError, match=r'pip install "emo-pipeline\[hallo\]"'):
