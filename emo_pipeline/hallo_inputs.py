@@ -66,6 +66,7 @@ MASK_LEVEL_DIVISORS = (8, 16, 32, 64)
 #: Hallo blurs the face and lip boxes at this resolution (util.py: blur_mask's resize_dim), whatever the image size.
 BLUR_RESOLUTION = (64, 64)
 FACE_BLUR_KERNEL = (51, 51)  # util.py:511 get_mask
+_MASK_SOURCES = (("full", "sep_background"), ("face", "sep_face"), ("lip", "sep_lip"))  # kind -> get_mask's PNG
 LIP_BLUR_KERNEL = (31, 31)  # util.py:514 get_mask
 
 #: insightface models Hallo's face embedding needs, in `<face_analysis_dir>/models/` (Hallo's README download
@@ -310,9 +311,6 @@ def hallo_face_masks(
         face_box=images["face_box"],
         lip_box=images["lip_box"],
     )
-
-
-_MASK_SOURCES = (("full", "sep_background"), ("face", "sep_face"), ("lip", "sep_lip"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
