@@ -278,18 +278,23 @@ def test_audio_features_equal_hallo_wav2vec_model(wav2vec_golden) -> None:
     torch.testing.assert_close(features, golden["audio_emb"], rtol=0, atol=WAV2VEC_TOLERANCE)
 
 
-def test_audio_features_interpolate_before_the_transformer(wav2vec_golden) -> None:
-    """The CNN features are resampled to the frame count before the transformer: the hook sees Hallo's
-    interpolated features, and the model's own 50 Hz forward is a different thing."""
-    _, golden, model, _ = wav2vec_golden
-    seen = []
-    handle = model.feature_projection.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+def test_audio_features_pad_then_interpolate_before_the_transformer(wav2vec_golden) -> None:
+    """Hallo's intermediate steps: the normalised waveform zero-padded to whole clips enters the CNN, and the CNN
+    features, linearly interpolated to the frame count, enter the feature projection (not the 50 Hz ones)."""
+    _, golden, model, extractor = wav2vec_golden
+    cnn_inputs, projection_inputs = [], []
+    handles = [
+        model.feature_extractor.register_forward_pre_hook(lambda module, args: cnn_inputs.append(args[0])),
+        model.feature_projection.register_forward_pre_hook(lambda module, args: projection_inputs.append(args[0])),
+    ]
     try:
-        hallo_inputs._encode_track(golden["input_values"][0].numpy(), 48, model)
+        hallo_audio_features(golden["waveform"].numpy(), model, extractor)
     finally:
-        handle.remove()
-    torch.testing.assert_close(seen[0], golden["interpolated_features"], rtol=0, atol=1e-6)
-    assert golden["plain_hidden_states"].shape[1] == 94  # 50 Hz without the interpolation
+        for handle in handles:
+            handle.remove()
+    torch.testing.assert_close(cnn_inputs[0], golden["input_values"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(projection_inputs[0], golden["interpolated_features"], rtol=0, atol=1e-6)
+    assert golden["plain_hidden_states"].shape[1] == 94  # what the transformer would see without interpolation
 
 
 def test_audio_windows_equal_hallo_process_audio_emb() -> None:
