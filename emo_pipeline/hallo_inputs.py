@@ -91,8 +91,9 @@ def hallo_face_landmarks(image: Image.Image, *, min_confidence: float = 0.5) -> 
 
     Hallo runs mediapipe's FaceLandmarker (`face_landmarker_v2_with_blendshapes.task`); this runs the face mesh
     bundled with mediapipe 0.10.21 (`FaceMesh(static_image_mode=True, refine_landmarks=True)`: the same 478-point
-    topology, nothing to download). The two models are separately trained, so points can differ by a pixel or
-    two; Hallo only uses the bounding boxes of the face oval and the lips.
+    topology, nothing to download). The two are different model releases, so the points can differ somewhat (not
+    measured: the .task file is not available offline); Hallo only uses the bounding boxes of the face oval and the
+    lips, so a box edge may move by a few pixels.
 
     Args:
         image: the portrait (RGB or convertible to it).
