@@ -158,6 +158,9 @@ class GenerationSettings:
             are dropped with this probability (Hallo2's long-video setting: 0.25); None: no masking.
         audio_separator_model: Hallo weights: an audio-separator model file (Hallo: `pretrained_models/
             audio_separator/Kim_Vocal_2.onnx`) to keep only the vocals before wav2vec2; None: the audio as given.
+        audio_segment_seconds: Hallo weights: Hallo2's long-audio option, wav2vec2 run on segments of this many
+            seconds (Hallo2: 60) instead of the whole track at once (Hallo), so its attention never spans a long
+            track; each segment is normalised and encoded on its own, which changes the features near the cuts.
         hallo_conditioning: Hallo weights: precomputed inputs (`emo_pipeline.hallo.HalloConditioning`: portrait
             pixels, identity embedding, face region and masks, per-frame audio features) in place of the front end;
             `image` and `audio` may then be None (the video is silent).
@@ -194,6 +197,7 @@ class GenerationSettings:
     motion_scale: tuple[float, float, float] = (1.0, 1.0, 1.0)
     motion_frame_mask_rate: float | None = None
     audio_separator_model: str | os.PathLike | None = None
+    audio_segment_seconds: float | None = None
     hallo_conditioning: HalloConditioning | None = None
 
 
@@ -830,6 +834,7 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         "motion_scale",
         "motion_frame_mask_rate",
         "audio_separator_model",
+        "audio_segment_seconds",
         "hallo_conditioning",
     )
     _EMO_ONLY = ("speed", "face_mask", "step_cache")
@@ -858,6 +863,11 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             )
         if settings.mode not in HALLO_MODES:
             raise EMOInputError(f"mode must be one of {HALLO_MODES}, got {settings.mode!r}")
+        if float(settings.fps) != int(settings.fps):
+            raise EMOInputError(
+                f"fps must be a whole number with Hallo weights (Hallo's audio frames are sample_rate // fps samples; "
+                f"it was trained at 25), got {settings.fps!r}"
+            )
         if settings.mode == "parity" and settings.decoder != "vae":
             raise EMOInputError("mode='parity' decodes with the VAE frame by frame as Hallo does: use decoder='vae'")
         rate = settings.motion_frame_mask_rate
@@ -945,12 +955,14 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             samples = hallo_inputs.separate_vocals(samples, SAMPLE_RATE, model.parent, model.name)
         if self.audio_encoder is None or self.feature_extractor is None:
             raise EMOInputError("this pipeline has no audio_encoder/feature_extractor: pass hallo_conditioning=")
+        self.audio_encoder.eval()
         features, audio_length = hallo_inputs.hallo_audio_features(
             samples,
             self.audio_encoder,
             self.feature_extractor,
-            fps=settings.fps,
+            fps=int(settings.fps),
             clip_length=settings.num_frames_per_clip,
+            segment_seconds=settings.audio_segment_seconds,
         )
         pixels = torch.from_numpy(np.asarray(portrait.image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
         return HalloConditioning(

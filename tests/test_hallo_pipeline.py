@@ -191,6 +191,8 @@ def test_settings_of_the_other_family_are_refused(pipe) -> None:
         run(pipe, conditioning, mode="parity", decoder="tiny")
     with pytest.raises(EMOInputError, match="mode must be one of"):
         run(pipe, conditioning, mode="exact")
+    with pytest.raises(EMOInputError, match="fps must be a whole number"):
+        run(pipe, conditioning, fps=29.97)
     with pytest.raises(EMOInputError, match="height/width"):
         run(pipe, conditioning, height=128, width=128)
     portrait, _ = demo_assets()
@@ -236,3 +238,43 @@ def test_a_bad_release_folder_exits_2_naming_the_file_and_writes_nothing(
 def test_hallo_and_sd15_sources_are_exclusive(tmp_path, capsys) -> None:
     assert convert(["--hallo", str(tmp_path), "--sd15", "x", "--output", str(tmp_path / "o")]) == 2
     assert "either --hallo DIR, or both --sd15 and --wav2vec2" in capsys.readouterr().err
+
+
+def test_a_portrait_and_a_track_go_through_hallos_front_end_into_an_mp4(pipe, converted: Path, tmp_path) -> None:
+    """The whole path with the converted folder: face crop, landmarks -> Hallo's masks, wav2vec2 interpolated before
+    its transformer, both modes, streamed to an mp4 (the insightface embedding passed, no models offline)."""
+    import av
+
+    from emo_pipeline.cli.animate import main as animate
+
+    portrait, speech = demo_assets()
+    embedding = np.random.default_rng(0).standard_normal(512).astype(np.float32)
+    settings = {"height": SIZE, "width": SIZE, "num_inference_steps": 1, "face_embedding": embedding}
+    path = pipe.write_video(tmp_path / "fast.mp4", portrait, speech, **settings)
+    plan = pipe.last_plan
+    assert plan.num_frames == 85 and plan.num_clips == 6  # ceil(3.37 s * 25); 16 frames per clip (Hallo's default)
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].frames == 85 and container.streams.audio
+    np.save(tmp_path / "embedding.npy", embedding)
+    output = tmp_path / "parity.mp4"
+    code = animate(
+        ["--model", str(converted), "--image", str(portrait), "--audio", str(speech), "--output", str(output)]
+        + [
+            "--height",
+            str(SIZE),
+            "--steps",
+            "1",
+            "--mode",
+            "parity",
+            "--face-embedding",
+            str(tmp_path / "embedding.npy"),
+        ]
+        + ["--no-progress"]
+    )
+    assert code == 0 and output.is_file()
+    missing = tmp_path / "missing.mp4"
+    code = animate(
+        ["--model", str(converted), "--image", str(portrait), "--audio", str(speech), "--output", str(missing)]
+        + ["--height", str(SIZE), "--steps", "1", "--no-progress"]
+    )
+    assert code == 2 and not missing.exists()  # no face embedding and no insightface models: exit 2, no file
