@@ -22,12 +22,13 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
+from emo_pipeline.audio import FeatureWindows
 from emo_pipeline.errors import EMOInputError
 from emo_pipeline.models.attention import ReferenceFeatures
 from emo_pipeline.models.backbone import EMOUNet3DConditionModel
@@ -373,20 +374,31 @@ class HalloConditioning:
     source_image: `(1, 3, H, W)` in [-1, 1], the square portrait. face_embedding: `(1, 512)` raw insightface
     embedding. face_region: `(1, 3, H, W)` in [0, 1], the face locator input. region_masks: `{level: (full, face,
     lip)}`, each `(1, r*r)` in [0, 1], r = H / 8 / 2**level. audio_features: `(T, layers, dim)` per-frame wav2vec2
-    states (not windowed), T at least the video's frames (Hallo pads to whole clips). audio_length: frames of the
-    video (default T).
+    states (not windowed), T at least the video's frames (Hallo pads to whole clips); or an iterator of consecutive
+    chunks of them (`hallo_inputs.iter_hallo_audio_features`: one per Hallo2 segment, computed when the clip loop
+    reaches them, so long audio is never held whole) with `audio_frames` = T; such a conditioning serves one
+    generation. audio_length: frames of the video (default T).
     """
 
     source_image: torch.Tensor
     face_embedding: torch.Tensor
     face_region: torch.Tensor
     region_masks: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-    audio_features: torch.Tensor
+    audio_features: torch.Tensor | Iterator[torch.Tensor]
     audio_length: int | None = None
+    audio_frames: int | None = None
+    _windows: FeatureWindows | None = field(default=None, init=False, repr=False)
+
+    @property
+    def num_audio_frames(self) -> int:
+        """T: frames of audio features (Hallo: padded to whole clips)."""
+        if torch.is_tensor(self.audio_features):
+            return self.audio_features.shape[0]
+        return self.audio_frames
 
     @property
     def num_frames(self) -> int:
-        return self.audio_length if self.audio_length is not None else self.audio_features.shape[0]
+        return self.audio_length if self.audio_length is not None else self.num_audio_frames
 
     def check(self, window: int | None = None) -> None:
         """Raise `EMOInputError` naming the first field whose shape does not fit the others."""
@@ -402,15 +414,20 @@ class HalloConditioning:
             raise EMOInputError(
                 f"hallo_conditioning.face_embedding must be (1, 512), got {tuple(self.face_embedding.shape)}"
             )
-        if self.audio_features.ndim != 3:
+        if not torch.is_tensor(self.audio_features):
+            if not isinstance(self.audio_frames, int) or self.audio_frames < 1:
+                raise EMOInputError(
+                    "hallo_conditioning.audio_features is an iterator of chunks: give their total frame count T as "
+                    f"audio_frames, got {self.audio_frames!r}"
+                )
+        elif self.audio_features.ndim != 3:
             raise EMOInputError(
                 "hallo_conditioning.audio_features must be (T, layers, dim) per-frame wav2vec2 states, got "
                 f"{tuple(self.audio_features.shape)}"
             )
-        if not 0 < self.num_frames <= self.audio_features.shape[0]:
+        if not 0 < self.num_frames <= self.num_audio_frames:
             raise EMOInputError(
-                f"hallo_conditioning.audio_length ({self.audio_length}) must be in [1, T = "
-                f"{self.audio_features.shape[0]}]"
+                f"hallo_conditioning.audio_length ({self.audio_length}) must be in [1, T = {self.num_audio_frames}]"
             )
         missing = [level for level in range(4) if level not in self.region_masks]
         if missing:
@@ -420,6 +437,15 @@ class HalloConditioning:
         """`(stop - start, window, layers, dim)`: frame i gets frames i-m..i+m, clamped to the whole track (Hallo's
         `process_audio_emb` over the padded sequence)."""
         m = window // 2
+        if not torch.is_tensor(self.audio_features):  # chunks: consumed once, front to back
+            if self._windows is None:
+                self._windows = FeatureWindows(iter(self.audio_features), self.audio_frames, m)
+            elif start == 0:
+                raise EMOInputError(
+                    "this hallo_conditioning's audio chunks were consumed by an earlier generation; build a new one "
+                    "(or pass the features as one tensor)"
+                )
+            return self._windows.window(start, stop)
         last = self.audio_features.shape[0] - 1
         index = (torch.arange(start, stop)[:, None] + torch.arange(-m, m + 1)).clamp(0, last)
         return self.audio_features[index.to(self.audio_features.device)]

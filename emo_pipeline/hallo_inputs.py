@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,6 +50,7 @@ __all__ = [
     "hallo_face_embedding",
     "hallo_face_landmarks",
     "hallo_face_masks",
+    "iter_hallo_audio_features",
     "separate_vocals",
 ]
 
@@ -521,6 +523,27 @@ def _hallo_track_features(
     return _encode_track(values.numpy(), seq_len, audio_encoder), audio_length
 
 
+def _check_audio_arguments(samples, audio_encoder, feature_extractor, fps, clip_length, sample_rate) -> None:
+    if samples.ndim != 1 or samples.dtype.kind != "f" or samples.size == 0:
+        raise EMOInputError(
+            f"samples must be non-empty 1-D float mono audio (see load_audio), got shape {samples.shape} "
+            f"dtype {samples.dtype}"
+        )
+    for name, value in (("fps", fps), ("sample_rate", sample_rate)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+            raise EMOInputError(f"{name} must be a positive int, got {value!r}")
+    if isinstance(clip_length, bool) or not isinstance(clip_length, (int, np.integer)):
+        raise EMOInputError(f"clip_length must be an int (<= 0: no padding), got {clip_length!r}")
+    if audio_encoder.training:
+        raise EMOInputError("audio_encoder is in train mode (dropout, time masking): call audio_encoder.eval() first")
+    expected_rate = getattr(feature_extractor, "sampling_rate", sample_rate)
+    if expected_rate != sample_rate:
+        raise EMOInputError(
+            f"the feature extractor expects {expected_rate} Hz audio but sample_rate is {sample_rate}; resample "
+            "with load_audio(..., sample_rate=...)"
+        )
+
+
 def hallo_audio_features(
     samples: np.ndarray,
     audio_encoder: Wav2Vec2Model,
@@ -562,47 +585,79 @@ def hallo_audio_features(
         frame count (a multiple of `clip_length`); `audio_length` the frames the audio really covers (Hallo cuts the
         video to it). Memory: the transformer attends over all T frames of a track (or segment) at once.
     """
-    samples = np.asarray(samples)
-    if samples.ndim != 1 or samples.dtype.kind != "f" or samples.size == 0:
-        raise EMOInputError(
-            f"samples must be non-empty 1-D float mono audio (see load_audio), got shape {samples.shape} "
-            f"dtype {samples.dtype}"
-        )
-    samples = samples.astype(np.float32, copy=False)  # Hallo's librosa.load gives float32
-    for name, value in (("fps", fps), ("sample_rate", sample_rate)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-            raise EMOInputError(f"{name} must be a positive int, got {value!r}")
-    if isinstance(clip_length, bool) or not isinstance(clip_length, (int, np.integer)):
-        raise EMOInputError(f"clip_length must be an int (<= 0: no padding), got {clip_length!r}")
-    if audio_encoder.training:
-        raise EMOInputError("audio_encoder is in train mode (dropout, time masking): call audio_encoder.eval() first")
-    expected_rate = getattr(feature_extractor, "sampling_rate", sample_rate)
-    if expected_rate != sample_rate:
-        raise EMOInputError(
-            f"the feature extractor expects {expected_rate} Hz audio but sample_rate is {sample_rate}; resample "
-            "with load_audio(..., sample_rate=...)"
-        )
-    if segment_seconds is None:
-        return _hallo_track_features(samples, audio_encoder, feature_extractor, fps, clip_length, sample_rate)
-
     import torch
 
-    if not (isinstance(segment_seconds, (int, float)) and math.isfinite(segment_seconds) and segment_seconds > 0):
-        raise EMOInputError(f"segment_seconds must be positive seconds or None, got {segment_seconds!r}")
-    segment_samples = round(segment_seconds * sample_rate)
-    if segment_samples < 1:
-        raise EMOInputError(f"segment_seconds={segment_seconds!r} is shorter than one sample")
-    starts = range(0, samples.size, segment_samples)
-    features, processed = [], 0
+    chunks, total, audio_length = iter_hallo_audio_features(
+        samples,
+        audio_encoder,
+        feature_extractor,
+        fps=fps,
+        clip_length=clip_length,
+        sample_rate=sample_rate,
+        segment_seconds=segment_seconds,
+    )
+    features = torch.cat(list(chunks))
+    assert features.shape[0] == total, (features.shape, total)  # the frame arithmetic below is Hallo's
+    return features, audio_length
+
+
+def _segment_frames(num_samples: int, fps: int, clip_length: int, sample_rate: int, pad: bool, processed: int):
+    """`(frames with padding, audio frames)` of one track or segment, as `_hallo_track_features` computes them."""
+    seq_len = math.ceil(num_samples / sample_rate * fps)
+    padded = seq_len
+    if pad and clip_length > 0 and seq_len % clip_length != 0:
+        padded += clip_length - (seq_len + processed) % clip_length
+    return padded, seq_len
+
+
+def iter_hallo_audio_features(
+    samples: np.ndarray,
+    audio_encoder: Wav2Vec2Model,
+    feature_extractor: Wav2Vec2FeatureExtractor,
+    *,
+    fps: int = 25,
+    clip_length: int = 16,
+    sample_rate: int = 16000,
+    segment_seconds: float | None = None,
+) -> tuple[Iterator[torch.Tensor], int, int]:
+    """`hallo_audio_features` one segment at a time: `(chunks, T, audio_length)` where `chunks` yields each
+    segment's `(frames, layers, hidden)` features when asked for (the encoder runs then), and `T` / `audio_length`
+    are known up front. With `segment_seconds` (Hallo2), a consumer that keeps only the frames it still needs
+    (`emo_pipeline.audio.FeatureWindows`) holds one segment's features and runs the transformer over one segment at a
+    time, whatever the track's length; without it the whole track is one chunk (Hallo).
+    Arguments are checked here, before any chunk is computed (as `hallo_audio_features`).
+    """
+    samples = np.asarray(samples)
+    _check_audio_arguments(samples, audio_encoder, feature_extractor, fps, clip_length, sample_rate)
+    samples = samples.astype(np.float32, copy=False)  # Hallo's librosa.load gives float32
+    if segment_seconds is None:
+        segment_samples = samples.size
+    else:
+        if not (isinstance(segment_seconds, (int, float)) and math.isfinite(segment_seconds) and segment_seconds > 0):
+            raise EMOInputError(f"segment_seconds must be positive seconds or None, got {segment_seconds!r}")
+        segment_samples = round(segment_seconds * sample_rate)
+        if segment_samples < 1:
+            raise EMOInputError(f"segment_seconds={segment_seconds!r} is shorter than one sample")
+    starts = list(range(0, samples.size, segment_samples))
+    total = processed = 0
     for index, start in enumerate(starts):
-        segment = samples[start : start + segment_samples]
-        last = index == len(starts) - 1  # inference_long.py: padding = (idx + 1) == len(audio_list)
-        emb, length = _hallo_track_features(
-            segment, audio_encoder, feature_extractor, fps, clip_length, sample_rate, last, processed
-        )
-        features.append(emb)
-        processed += length
-    return torch.cat(features), processed
+        # inference_long.py pads the last segment only: padding = (idx + 1) == len(audio_list)
+        size = min(segment_samples, samples.size - start)
+        padded, length = _segment_frames(size, fps, clip_length, sample_rate, index == len(starts) - 1, processed)
+        total, processed = total + padded, processed + length
+
+    def chunks() -> Iterator[torch.Tensor]:
+        done = 0
+        for index, start in enumerate(starts):
+            segment = samples[start : start + segment_samples]
+            last = index == len(starts) - 1
+            emb, length = _hallo_track_features(
+                segment, audio_encoder, feature_extractor, fps, clip_length, sample_rate, last, done
+            )
+            done += length
+            yield emb
+
+    return chunks(), total, processed
 
 
 def hallo_audio_windows(features: torch.Tensor, window: int = 5) -> torch.Tensor:

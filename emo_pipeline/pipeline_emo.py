@@ -47,7 +47,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
-from emo_pipeline.audio import iter_audio_features, load_audio, num_video_frames
+from emo_pipeline.audio import FeatureWindows, iter_audio_features, load_audio, num_video_frames
 from emo_pipeline.devices import has_offload_hooks
 from emo_pipeline.errors import EMOInputError
 from emo_pipeline.face import PreparedPortrait, prepare_portrait
@@ -280,33 +280,6 @@ class _Plan:
     num_frames: int
     num_clips: int
     speed: np.ndarray | None  # (num_frames,) rad/s
-
-
-class _AudioWindows:
-    """Windowed audio features for consecutive frame ranges, pulled lazily from a chunk iterator.
-
-    Equals `window_audio_features(torch.cat(chunks), m)[start:stop]` with edge padding at the ends of the whole
-    track, while holding only the frames a window still needs.
-    """
-
-    def __init__(self, chunks: Iterator[torch.Tensor], num_frames: int, m: int):
-        self.chunks, self.num_frames, self.m = chunks, num_frames, m
-        self.buffer: torch.Tensor | None = None
-        self.offset = 0  # global index of buffer[0]
-
-    def window(self, start: int, stop: int) -> torch.Tensor:
-        """`(stop - start, 2m+1, L, D)` for frames start..stop-1 (frames past the end repeat the last one)."""
-        need = min(stop + self.m, self.num_frames)
-        while self.buffer is None or self.offset + self.buffer.shape[0] < need:
-            chunk = next(self.chunks)
-            self.buffer = chunk if self.buffer is None else torch.cat([self.buffer, chunk])
-        last = self.num_frames - 1
-        centres = torch.arange(start, stop).clamp(max=last)
-        index = (centres[:, None] + torch.arange(-self.m, self.m + 1)).clamp(0, last) - self.offset
-        windows = self.buffer[index.to(self.buffer.device)]
-        drop = max(0, min(stop, last) - self.m - self.offset)  # frames no later window can reach
-        self.buffer, self.offset = self.buffer[drop:], self.offset + drop
-        return windows
 
 
 def _portrait_of(conditioning: HalloConditioning) -> PreparedPortrait:
@@ -956,7 +929,8 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if self.audio_encoder is None or self.feature_extractor is None:
             raise EMOInputError("this pipeline has no audio_encoder/feature_extractor: pass hallo_conditioning=")
         self.audio_encoder.eval()
-        features, audio_length = hallo_inputs.hallo_audio_features(
+        # Chunks (Hallo2: one per segment) computed as the clip loop reaches them: long audio is never held whole.
+        chunks, total, audio_length = hallo_inputs.iter_hallo_audio_features(
             samples,
             self.audio_encoder,
             self.feature_extractor,
@@ -970,8 +944,9 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             face_embedding=embedding,
             face_region=masks.face_region,
             region_masks=masks.region_masks,
-            audio_features=features,
+            audio_features=chunks,
             audio_length=audio_length,
+            audio_frames=total,
         )
 
     @torch.no_grad()
@@ -1053,7 +1028,7 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             reference = self.unet.prepare_reference(reference)
         face_mask = torch.from_numpy(plan.portrait.mask)[None, None].to(device=device, dtype=dtype)
         self.audio_encoder.eval()
-        audio_windows = _AudioWindows(
+        audio_windows = FeatureWindows(
             iter_audio_features(plan.audio, self.audio_encoder, self.feature_extractor, settings.fps, plan.num_frames),
             plan.num_frames,
             self.audio_window,

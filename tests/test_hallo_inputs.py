@@ -30,6 +30,7 @@ from emo_pipeline.hallo_inputs import (
     hallo_face_embedding,
     hallo_face_landmarks,
     hallo_face_masks,
+    iter_hallo_audio_features,
     separate_vocals,
 )
 
@@ -327,6 +328,25 @@ def test_hallo2_segments_are_processed_separately(wav2vec_golden) -> None:
     assert first_length == 16
     assert torch.equal(segmented[:16], first) and torch.equal(segmented[16:32], second)
     assert (segmented[:32] - whole[:32]).abs().max() > 1e-2  # the cut changes the features
+
+
+def test_hallo2_segments_are_encoded_only_when_the_clip_loop_asks(wav2vec_golden) -> None:
+    """`iter_hallo_audio_features` knows T and audio_length up front and runs wav2vec2 one segment per chunk."""
+    _, golden, model, extractor = wav2vec_golden
+    samples = golden["waveform"].numpy()
+    calls = []
+    hook = model.register_forward_hook(lambda module, args, output: calls.append(1))
+    try:
+        chunks, total, length = iter_hallo_audio_features(samples, model, extractor, segment_seconds=0.64)
+        assert (total, length, len(calls)) == (48, 33, 0)
+        first = next(chunks)
+        assert first.shape == (16, 4, 32) and len(calls) == 1
+        rest = list(chunks)
+        assert len(calls) == 3 and sum(chunk.shape[0] for chunk in [first, *rest]) == total
+    finally:
+        hook.remove()
+    segmented, _ = hallo_audio_features(samples, model, extractor, segment_seconds=0.64)
+    assert torch.equal(torch.cat([first, *rest]), segmented)
 
 
 def test_hallo2_pads_the_last_segment_to_whole_clips_over_all_segments(wav2vec_golden) -> None:

@@ -278,3 +278,16 @@ def test_a_portrait_and_a_track_go_through_hallos_front_end_into_an_mp4(pipe, co
         + ["--height", str(SIZE), "--steps", "1", "--no-progress"]
     )
     assert code == 2 and not missing.exists()  # no face embedding and no insightface models: exit 2, no file
+
+
+def test_audio_features_in_chunks_give_the_same_video_and_serve_one_generation(pipe) -> None:
+    """Long audio: the features may come as chunks (Hallo2's segments) consumed as the clips need them."""
+    data = golden("hallo")
+    whole = golden_conditioning(data["inputs"], data["meta"]["audio_length"])
+    features = whole.audio_features
+    chunked = golden_conditioning(data["inputs"], data["meta"]["audio_length"])
+    chunked.audio_features, chunked.audio_frames = iter(features.split([10, 13, 9])), features.shape[0]
+    expected = run(pipe, whole, num_inference_steps=1)
+    assert torch.equal(run(pipe, chunked, num_inference_steps=1), expected)
+    with pytest.raises(EMOInputError, match="consumed by an earlier generation"):
+        run(pipe, chunked, num_inference_steps=1)
