@@ -8,7 +8,15 @@ its attn2 context, the face locator is `FaceLocator(in_channels=3, same_width_co
 checkpoint's keys onto those classes and states Hallo's per-step recipe (the classifier-free-guidance batch, the
 reference bank) in terms of the backbone's forward arguments. No network code of Hallo is copied.
 
-Usage (a released `net.pth` with SD1.5's `unet/config.json`)::
+As a pipeline (what `emo-convert --hallo pretrained_models --output DIR` writes)::
+
+    pipe = load_hallo_pipeline("pretrained_models")              # or EMOPipeline.from_pretrained(DIR)
+    pipe.write_video("out.mp4", "portrait.jpg", "speech.wav", mode="fast")     # or mode="parity"
+
+`iter_hallo_clips` is the clip loop of both modes; `emo_pipeline.hallo_inputs` computes Hallo's conditioning from
+a portrait and a track (landmarks -> masks, insightface embedding, wav2vec2 features).
+
+The networks alone (a released `net.pth` with SD1.5's `unet/config.json`)::
 
     models = load_hallo_models("pretrained_models/hallo/net.pth", unet_config="sd15/unet/config.json")
     id_tokens = models.identity_tokens(face_emb)                          # (2, 4, 768): [uncond, cond]
@@ -37,23 +45,23 @@ from emo_pipeline.models.reference_net import ReferenceNet
 from emo_pipeline.models.utils import quiet_diffusers
 
 __all__ = [
+    "HALLO_GENERATION_DEFAULTS",
+    "HALLO_LAYOUT",
     "HALLO_MODES",
     "HALLO_PREFIXES",
     "HalloConditioning",
     "HalloModels",
-    "HALLO_GENERATION_DEFAULTS",
-    "HALLO_LAYOUT",
     "build_hallo_models",
     "build_hallo_pipeline",
-    "check_motion_module",
-    "load_hallo_pipeline",
     "check_hallo_state_dict",
-    "infer_hallo_sizes",
+    "check_motion_module",
     "convert_hallo_state_dict",
     "hallo_generate",
     "hallo_scheduler",
+    "infer_hallo_sizes",
     "iter_hallo_clips",
     "load_hallo_models",
+    "load_hallo_pipeline",
     "load_hallo_state_dict",
     "load_hallo_weights",
 ]
