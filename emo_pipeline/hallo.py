@@ -19,7 +19,9 @@ Usage (a released `net.pth` with SD1.5's `unet/config.json`)::
 from __future__ import annotations
 
 import json
+import math
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +36,9 @@ from emo_pipeline.models.reference_net import ReferenceNet
 from emo_pipeline.models.utils import quiet_diffusers
 
 __all__ = [
+    "HALLO_MODES",
     "HALLO_PREFIXES",
+    "HalloConditioning",
     "HalloModels",
     "build_hallo_models",
     "check_hallo_state_dict",
@@ -42,6 +46,7 @@ __all__ = [
     "convert_hallo_state_dict",
     "hallo_generate",
     "hallo_scheduler",
+    "iter_hallo_clips",
     "load_hallo_models",
     "load_hallo_state_dict",
     "load_hallo_weights",
@@ -219,7 +224,6 @@ class HalloModels:
         rounded to `bank_dtype` as Hallo's bank is.
         """
         frames = ref_latents.shape[0]
-        num_motion = frames - 1
         latents = ref_latents[None].repeat(2, 1, 1, 1, 1)  # (2, 1 + n, 4, h, w)
         rows = torch.arange(2 * frames, device=id_tokens.device) % 2
         features = self.reference_net(latents, 0, context=id_tokens[rows].to(ref_latents.dtype))
@@ -227,19 +231,60 @@ class HalloModels:
         for name, tokens in features.spatial.items():
             tokens = self._round(tokens.reshape(2, frames, -1, tokens.shape[-1]))  # (2, 1 + n, L, C)
             spatial[name] = tokens[:, 0]
-            if num_motion == 0:
-                continue
-            block, _, rest = name.partition(".attentions.")
-            index = rest.split(".")[0]
-            temporal_name = f"{block}.motion_modules.{index}"
-            if rest != f"{index}.transformer_blocks.0.attn1" or temporal_name not in self.backbone.temporal_layers:
-                continue
-            side = int(round(tokens.shape[2] ** 0.5))
-            if side * side != tokens.shape[2]:
-                raise EMOInputError(f"Hallo needs square latents; layer {name} has {tokens.shape[2]} tokens")
-            motion = tokens[:, 1:].reshape(2, num_motion, side, side, -1).permute(0, 1, 4, 2, 3)
-            temporal[temporal_name] = motion
+            temporal.update(self._motion_features(name, tokens[:, 1:]))
         return ReferenceFeatures(spatial=spatial, temporal=temporal)
+
+    def _bank_context(self, id_tokens: torch.Tensor, num_motion_frames: int, images: range) -> torch.Tensor:
+        """attn2 context of images `images` (0 = source, 1..n = motion frames) of both copies of Hallo's bank batch:
+        row r = copy * (1 + n) + image gets `id_tokens[r % 2]` (the tiling of `encode_reference`)."""
+        rows = [copy * (1 + num_motion_frames) + image for copy in range(2) for image in images]
+        return id_tokens[torch.tensor(rows, device=id_tokens.device) % 2]
+
+    @torch.no_grad()
+    def encode_source(
+        self, source_latents: torch.Tensor, id_tokens: torch.Tensor, num_motion_frames: int
+    ) -> ReferenceFeatures:
+        """The source image's part of `encode_reference` alone, unrounded and tiled (fast mode: once per video).
+
+        The ReferenceNet treats every image of its batch independently, so running the source image apart from the
+        motion frames (with the attn2 context `encode_reference` gives its rows) computes the same tokens.
+        Returns `spatial (2, h_l*w_l, C)` with `tiled=True` (the backbone tiles the copies over the frames as
+        Hallo's bank does, `per_frame_reference`).
+        """
+        latents = source_latents[None].repeat(2, 1, 1, 1, 1)  # (2, 1, 4, h, w)
+        context = self._bank_context(id_tokens, num_motion_frames, range(1))
+        features = self.reference_net(latents, 0, context=context.to(source_latents.dtype))
+        return ReferenceFeatures(spatial=features.spatial, tiled=True)
+
+    @torch.no_grad()
+    def encode_motion(self, motion_latents: torch.Tensor, id_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The motion frames' part of `encode_reference` alone, unrounded: `temporal {name: (2, n, C, h_l, w_l)}`."""
+        num_motion = motion_latents.shape[0]
+        if num_motion == 0:
+            return {}
+        latents = motion_latents[None].repeat(2, 1, 1, 1, 1)  # (2, n, 4, h, w)
+        context = self._bank_context(id_tokens, num_motion, range(1, 1 + num_motion))
+        features = self.reference_net(latents, 0, context=context.to(motion_latents.dtype))
+        temporal = {}
+        for name, tokens in features.spatial.items():
+            temporal.update(self._motion_features(name, tokens.reshape(2, num_motion, -1, tokens.shape[-1])))
+        return temporal
+
+    def _motion_features(self, name: str, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """ReferenceNet attn1 inputs `(2, n, L, C)` of motion frames -> `{temporal layer: (2, n, C, side, side)}`:
+        Hallo feeds the first transformer's norm1 tokens of each attention block to that block's motion module."""
+        num_motion = tokens.shape[1]
+        block, _, rest = name.partition(".attentions.")
+        index = rest.split(".")[0]
+        temporal_name = f"{block}.motion_modules.{index}"
+        if num_motion == 0 or rest != f"{index}.transformer_blocks.0.attn1":
+            return {}
+        if temporal_name not in self.backbone.temporal_layers:
+            return {}
+        side = int(round(tokens.shape[2] ** 0.5))
+        if side * side != tokens.shape[2]:
+            raise EMOInputError(f"Hallo needs square latents; layer {name} has {tokens.shape[2]} tokens")
+        return {temporal_name: tokens.reshape(2, num_motion, side, side, -1).permute(0, 1, 4, 2, 3)}
 
     @staticmethod
     def per_frame_reference(reference: ReferenceFeatures, frames: int) -> ReferenceFeatures:
@@ -271,8 +316,9 @@ class HalloModels:
     ) -> torch.Tensor:
         """Both guidance branches of one step: `(2, 4, f, h, w)`, row 0 uncond, row 1 cond (v-prediction).
 
-        `latents (1, 4, f, h, w)`; `audio_tokens (f, T, C)` and `face_features (1, C, h, w)` of the cond branch (the
-        uncond branch gets zeros); `region_masks {level: (full, face, lip)}`, each `(1, h_l*w_l)`; the uncond branch
+        `latents (1, 4, f, h, w)`; `reference` from `encode_reference` (or `encode_source` + `encode_motion`, tiled,
+        maybe with keys/values from the backbone's `prepare_reference`); `audio_tokens (f, T, C)` and
+        `face_features (1, C, h, w)` of the cond branch (the uncond branch gets zeros); `region_masks {level: (full, face, lip)}`, each `(1, h_l*w_l)`; the uncond branch
         gets no reference tokens but the same motion frames and masks (Hallo's recipe).
         """
         frames = latents.shape[2]
@@ -280,7 +326,7 @@ class HalloModels:
         output = self.backbone(
             sample,
             timestep,
-            reference_features=self.per_frame_reference(reference, frames),
+            reference_features=reference if reference.tiled else self.per_frame_reference(reference, frames),
             audio_tokens=torch.cat([torch.zeros_like(audio_tokens), audio_tokens]),
             face_features=torch.cat([torch.zeros_like(face_features), face_features]),
             context_tokens=id_tokens.repeat_interleave(frames, dim=0),
@@ -310,16 +356,77 @@ def hallo_scheduler(**overrides) -> DDIMScheduler:
     return DDIMScheduler(**{**config, **overrides})
 
 
+HALLO_MODES = ("fast", "parity")
+
+
+@dataclass
+class HalloConditioning:
+    """Hallo's preprocessed inputs for one video (what `emo_pipeline.hallo_inputs` computes from a portrait and a
+    track; pass one to the pipeline as `hallo_conditioning=` to skip that front end).
+
+    source_image: `(1, 3, H, W)` in [-1, 1], the square portrait. face_embedding: `(1, 512)` raw insightface
+    embedding. face_region: `(1, 3, H, W)` in [0, 1], the face locator input. region_masks: `{level: (full, face,
+    lip)}`, each `(1, r*r)` in [0, 1], r = H / 8 / 2**level. audio_features: `(T, layers, dim)` per-frame wav2vec2
+    states (not windowed), T at least the video's frames (Hallo pads to whole clips). audio_length: frames of the
+    video (default T).
+    """
+
+    source_image: torch.Tensor
+    face_embedding: torch.Tensor
+    face_region: torch.Tensor
+    region_masks: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    audio_features: torch.Tensor
+    audio_length: int | None = None
+
+    @property
+    def num_frames(self) -> int:
+        return self.audio_length if self.audio_length is not None else self.audio_features.shape[0]
+
+    def check(self, window: int | None = None) -> None:
+        """Raise `EMOInputError` naming the first field whose shape does not fit the others."""
+        image = self.source_image
+        if image.ndim != 4 or image.shape[:2] != (1, 3) or image.shape[2] != image.shape[3]:
+            raise EMOInputError(f"hallo_conditioning.source_image must be (1, 3, S, S), got {tuple(image.shape)}")
+        if tuple(self.face_region.shape) != tuple(image.shape):
+            raise EMOInputError(
+                f"hallo_conditioning.face_region must have the source image's shape {tuple(image.shape)}, got "
+                f"{tuple(self.face_region.shape)}"
+            )
+        if self.face_embedding.ndim != 2 or self.face_embedding.shape[0] != 1:
+            raise EMOInputError(
+                f"hallo_conditioning.face_embedding must be (1, 512), got {tuple(self.face_embedding.shape)}"
+            )
+        if self.audio_features.ndim != 3:
+            raise EMOInputError(
+                "hallo_conditioning.audio_features must be (T, layers, dim) per-frame wav2vec2 states, got "
+                f"{tuple(self.audio_features.shape)}"
+            )
+        if not 0 < self.num_frames <= self.audio_features.shape[0]:
+            raise EMOInputError(
+                f"hallo_conditioning.audio_length ({self.audio_length}) must be in [1, T = "
+                f"{self.audio_features.shape[0]}]"
+            )
+        missing = [level for level in range(4) if level not in self.region_masks]
+        if missing:
+            raise EMOInputError(f"hallo_conditioning.region_masks lacks levels {missing} (needs 0..3)")
+
+    def audio_windows(self, start: int, stop: int, window: int) -> torch.Tensor:
+        """`(stop - start, window, layers, dim)`: frame i gets frames i-m..i+m, clamped to the whole track (Hallo's
+        `process_audio_emb` over the padded sequence)."""
+        m = window // 2
+        last = self.audio_features.shape[0] - 1
+        index = (torch.arange(start, stop)[:, None] + torch.arange(-m, m + 1)).clamp(0, last)
+        return self.audio_features[index.to(self.audio_features.device)]
+
+
 @torch.no_grad()
-def hallo_generate(
+def iter_hallo_clips(
     models: HalloModels,
     vae: AutoencoderKL,
     scheduler: DDIMScheduler,
-    source_image: torch.Tensor,
-    face_emb: torch.Tensor,
-    face_region: torch.Tensor,
-    audio_windows: torch.Tensor,
-    region_masks: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    conditioning: HalloConditioning,
+    *,
+    mode: str = "parity",
     num_frames: int = 16,
     num_motion_frames: int = 2,
     num_inference_steps: int = 40,
@@ -327,54 +434,116 @@ def hallo_generate(
     motion_scale: tuple[float, float, float] = (1.0, 1.0, 1.0),
     generator: torch.Generator | None = None,
     motion_frame_mask_rate: float | None = None,
-    audio_length: int | None = None,
-) -> torch.Tensor:
-    """Hallo's clip loop (scripts/inference.py:285-343 with `FaceAnimatePipeline`) on preprocessed inputs.
+    eta: float = 0.0,
+    precompute: bool = True,
+    on_step: Callable[[], None] | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Hallo's clip loop, one clip at a time: yields `(latents (1, 4, f, h, w), frames)` per clip.
 
-    Args:
-        source_image: `(1, 3, H, W)` in [-1, 1]; face_emb: `(1, 512)` raw insightface embedding;
-        face_region: `(1, 3, H, W)` face box in [0, 1]; audio_windows: `(T, 5, layers, dim)` windowed wav2vec2
-        states of the whole (padded) audio, T a multiple of `num_frames`; region_masks: `{level: (full, face, lip)}`.
-        generator: CPU generator shared by the clips (Hallo: `torch.manual_seed(42)`): each clip draws its initial
-            noise `(1, 4, f, h, w)` from it.
-        motion_frame_mask_rate: Hallo2 (`inference_long.py`): before each clip's noise, one `rand(H, W)` mask keeps
-            motion-frame pixels where `> rate` or inside the face box (0.25 released); None for Hallo.
-    Returns:
-        `(1, 3, min(T, audio_length), H, W)` frames in [0, 1] (float32).
+    mode "parity": Hallo's `scripts/inference.py:285-343` with `FaceAnimatePipeline` exactly: the ReferenceNet runs
+        `[source, motion frames]` once per clip, the bank is rounded to `models.bank_dtype` (fp16), the first clip's
+        motion frames are the source image, later ones the last decoded frames re-encoded by the VAE, each clip
+        decoded one frame at a time; `frames (f, 3, H, W)` float32 in [0, 1]. Latents in the models' dtype.
+    mode "fast": the same networks and conditioning with nothing computed twice: the source image through the
+        ReferenceNet once per video and its keys/values projected once (`prepare_reference`), only the motion frames
+        per clip, taken from the previous clip's last latents (no decode/encode round trip), no bank rounding,
+        latents and scheduler in float32; `frames` is None (the caller decodes the latents, in chunks).
+    generator: CPU generator shared by the clips (Hallo: `torch.manual_seed(42)`): each clip draws its initial noise
+        `(1, 4, f, h, w)` from it, so both modes start every clip from the same noise.
+    motion_frame_mask_rate: Hallo2 (`inference_long.py`, parity mode): before each clip's noise, one `rand(H, W)` mask
+        keeps motion-frame pixels where `> rate` or inside the face box (0.25 released); None for Hallo.
+    precompute: project the reference keys/values once (False under offload hooks, where the backbone's weights
+        are only in place inside its forward). on_step: called after every denoising step (progress bars).
     """
-    total = audio_windows.shape[0]
-    if total % num_frames:
-        raise EMOInputError(f"audio_windows has {total} frames, not a multiple of num_frames={num_frames}")
+    if mode not in HALLO_MODES:
+        raise EMOInputError(f"mode must be one of {HALLO_MODES}, got {mode!r}")
+    if mode == "fast" and motion_frame_mask_rate is not None:
+        raise EMOInputError(
+            "motion_frame_mask_rate masks decoded motion-frame pixels (Hallo2): use it with mode='parity'; the fast "
+            "mode keeps motion frames as latents"
+        )
+    window = models.backbone.audio_proj.config.window_size
+    conditioning.check(window)
+    n, f = num_motion_frames, num_frames
     dtype = next(models.backbone.parameters()).dtype
-    id_tokens = models.identity_tokens(face_emb.to(dtype))
+    device = next(models.backbone.parameters()).device
+    source_image = conditioning.source_image.to(device)
+    face_region = conditioning.face_region.to(device)
+    region_masks = {
+        level: tuple(mask.to(device=device, dtype=dtype) for mask in masks)
+        for level, masks in conditioning.region_masks.items()
+    }
+    id_tokens = models.identity_tokens(conditioning.face_embedding.to(device=device, dtype=dtype))
     face = models.face_features(face_region.to(dtype))
-    motion_pixels = source_image.repeat(num_motion_frames, 1, 1, 1)  # clip 0: the source image itself
-    clips = []
-    for start in range(0, total, num_frames):
-        if motion_frame_mask_rate is not None:
-            height, width = source_image.shape[-2:]
-            keep = (torch.rand(height, width, generator=generator) > motion_frame_mask_rate) | (face_region[0, 0] > 0)
-            motion_pixels = motion_pixels * keep
-        ref_pixels = torch.cat([source_image, motion_pixels]).to(dtype)
-        ref_latents = vae.encode(ref_pixels).latent_dist.mean * HALLO_VAE_SCALE
+    num_clips = math.ceil(conditioning.num_frames / f)
+    source_latents = motion_pixels = source = None
+    if mode == "parity":
+        motion_pixels = source_image.repeat(n, 1, 1, 1)  # clip 0: the source image itself
+    else:
+        source_latents = vae.encode(source_image.to(vae.dtype)).latent_dist.mean * HALLO_VAE_SCALE
+        source = models.encode_source(source_latents.to(dtype), id_tokens, n)
+        if precompute:
+            source = models.backbone.prepare_reference(source)
+        motion_latents = source_latents.repeat(n, 1, 1, 1)  # clip 0: the source image itself
+    for clip in range(num_clips):
+        start = clip * f
+        if mode == "parity":
+            if motion_frame_mask_rate is not None:
+                height, width = source_image.shape[-2:]
+                keep = torch.rand(height, width, generator=generator) > motion_frame_mask_rate
+                motion_pixels = motion_pixels * (keep.to(device) | (face_region[0, 0] > 0))
+            ref_pixels = torch.cat([source_image, motion_pixels]).to(vae.dtype)
+            ref_latents = vae.encode(ref_pixels).latent_dist.mean * HALLO_VAE_SCALE
+            reference = models.encode_reference(ref_latents.to(dtype), id_tokens)
+            latent_dtype = dtype
+        else:
+            temporal = models.encode_motion(motion_latents.to(dtype), id_tokens)
+            reference = ReferenceFeatures(
+                spatial=source.spatial, temporal=temporal, key_value=source.key_value, tiled=True
+            )
+            ref_latents = source_latents
+            latent_dtype = torch.float32
         height, width = ref_latents.shape[-2:]
-        latents = torch.randn((1, ref_latents.shape[1], num_frames, height, width), generator=generator)
-        latents = (latents * scheduler.init_noise_sigma).to(dtype)
-        reference = models.encode_reference(ref_latents, id_tokens)
-        audio = models.audio_tokens(audio_windows[start : start + num_frames][None].to(dtype))
-        scheduler.set_timesteps(num_inference_steps)
+        latents = torch.randn((1, ref_latents.shape[1], f, height, width), generator=generator).to(device)
+        latents = (latents * scheduler.init_noise_sigma).to(latent_dtype)
+        windows = conditioning.audio_windows(start, start + f, window)[None].to(device=device, dtype=dtype)
+        audio = models.audio_tokens(windows)
+        scheduler.set_timesteps(num_inference_steps, device=device)
         for t in scheduler.timesteps:
-            eps = models.denoise(latents, t, reference, id_tokens, audio, face, region_masks, motion_scale)
-            uncond, cond = eps.chunk(2)
+            eps = models.denoise(latents.to(dtype), t, reference, id_tokens, audio, face, region_masks, motion_scale)
+            uncond, cond = eps.to(latent_dtype).chunk(2)
             guided = uncond + guidance_scale * (cond - uncond)
-            latents = scheduler.step(guided, t, latents, eta=0.0, return_dict=False)[0]
+            latents = scheduler.step(guided, t, latents, eta=eta, return_dict=False)[0]
+            if on_step is not None:
+                on_step()
+        if mode == "fast":
+            motion_latents = latents[0, :, f - n :].permute(1, 0, 2, 3)
+            yield latents.float(), None
+            continue
         frames = latents[0].permute(1, 0, 2, 3) / HALLO_VAE_SCALE  # (f, 4, h, w), decoded one frame at a time
-        frames = torch.cat([vae.decode(frame[None]).sample for frame in frames])
+        frames = torch.cat([vae.decode(frame[None].to(vae.dtype)).sample for frame in frames])
         frames = (frames / 2 + 0.5).clamp(0, 1).float()  # (f, 3, H, W)
+        motion_pixels = frames[f - n :].to(source_image.dtype) * 2.0 - 1.0
+        yield latents.float(), frames
+
+
+@torch.no_grad()
+def hallo_generate(
+    models: HalloModels,
+    vae: AutoencoderKL,
+    scheduler: DDIMScheduler,
+    conditioning: HalloConditioning,
+    **options,
+) -> torch.Tensor:
+    """The whole video of `iter_hallo_clips` (keyword `options` as there, default mode "parity"):
+    `(1, 3, audio_length, H, W)` frames in [0, 1] (float32)."""
+    clips = []
+    for latents, frames in iter_hallo_clips(models, vae, scheduler, conditioning, **options):
+        if frames is None:
+            frames = latents[0].permute(1, 0, 2, 3) / HALLO_VAE_SCALE
+            frames = (vae.decode(frames.to(vae.dtype)).sample / 2 + 0.5).clamp(0, 1).float()
         clips.append(frames)
-        motion_pixels = frames[-num_motion_frames:].to(source_image.dtype) * 2.0 - 1.0
-    video = torch.cat(clips).permute(1, 0, 2, 3)[None]
-    return video[:, :, :audio_length] if audio_length is not None else video
+    return torch.cat(clips)[: conditioning.num_frames].permute(1, 0, 2, 3)[None]
 
 
 def build_hallo_models(

@@ -51,11 +51,15 @@ class ReferenceFeatures:
     `key_value`: `{attn1 module name: ((B, h*w, C'), (B, h*w, C'))}` the reference tokens already projected by that
     layer's `to_k`/`to_v` (`EMOUNet3DConditionModel.prepare_reference`): the tokens and the weights are fixed for a
     whole video at inference, so projecting them once instead of at every frame, step and clip is exact.
+    `tiled`: how `spatial`/`key_value` copies map to the backbone's `B*F` rows. False (EMO): copy b serves every
+    frame of sample b. True (Hallo's reference bank, `emo_pipeline.hallo`): the copies tile the rows, row i gets copy
+    `i % copies`, so with guidance's two copies the frames alternate between them.
     """
 
     spatial: dict[str, torch.Tensor] = field(default_factory=dict)
     temporal: dict[str, torch.Tensor] = field(default_factory=dict)
     key_value: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    tiled: bool = False
 
     @property
     def num_motion_frames(self) -> int:
@@ -66,6 +70,7 @@ class ReferenceFeatures:
             spatial={k: v.to(*args, **kwargs) for k, v in self.spatial.items()},
             temporal={k: v.to(*args, **kwargs) for k, v in self.temporal.items()},
             key_value={k: (kv[0].to(*args, **kwargs), kv[1].to(*args, **kwargs)) for k, kv in self.key_value.items()},
+            tiled=self.tiled,
         )
 
 
@@ -84,6 +89,7 @@ class ConditioningState:
         "face_features",
         "reached",
         "reference_rows",
+        "reference_tiled",
         "audio_module_tokens",
         "audio_module_masks",
         "audio_module_scales",
@@ -103,6 +109,8 @@ class ConditioningState:
         # Checkpoint families other than EMO (all None for EMO):
         # `reference_rows` (B,) bool: which samples attend to the reference (Hallo: not the unconditional branch);
         self.reference_rows: torch.Tensor | None = None
+        # `reference_tiled`: reference copies tile the rows (`ReferenceFeatures.tiled`, Hallo's bank);
+        self.reference_tiled: bool = False
         # inputs of Hallo-style audio modules (`emo_pipeline.models.audio_modules`): tokens (B*F, T, C), per-level
         # region masks {level: (B*F, h_l*w_l) x 3 (full, face, lip)} and the three region weights.
         self.audio_module_tokens: torch.Tensor | None = None
@@ -161,13 +169,18 @@ def broadcast_batch(features: torch.Tensor, batch: int, name: str) -> torch.Tens
     return features.repeat(batch // features.shape[0], *([1] * (features.ndim - 1)))
 
 
-def _per_frame(tokens: torch.Tensor, batch_frames: int, num_frames: int, name: str) -> torch.Tensor:
-    """`(b, T, C)` per-sample tokens -> `(B*F, T, C)`: the same tokens for every frame of each sample's clip.
+def _per_frame(
+    tokens: torch.Tensor, batch_frames: int, num_frames: int, name: str, tiled: bool = False
+) -> torch.Tensor:
+    """`(b, T, C)` per-sample tokens -> `(B*F, T, C)`: the same tokens for every frame of each sample's clip, or
+    with `tiled` the b copies tiled over the rows (row i gets copy i % b, Hallo's bank).
 
-    Tokens that already have `B*F` rows are per frame and pass unchanged (Hallo's bank tiles copies over frames).
+    Tokens that already have `B*F` rows are per frame and pass unchanged.
     """
     if tokens.shape[0] == batch_frames:
         return tokens
+    if tiled:
+        return broadcast_batch(tokens, batch_frames, name)
     tokens = broadcast_batch(tokens, batch_frames // num_frames, name)
     return tokens.repeat_interleave(num_frames, dim=0)
 
@@ -178,6 +191,7 @@ class EMOAttnProcessor(AttnProcessor2_0):
     Without `reference_key`/`reference_value` it *is* `AttnProcessor2_0` (the same code runs); with them, the keys
     and values of the layer's own tokens are extended by the reference ones, which is what the generic path
     (`encoder_hidden_states = cat([hidden_states, reference tokens])`) computes, minus re-projecting the reference.
+    An `attention_mask` `(B*F, 1, L + R)` is then additive over those keys (Hallo: rows that do not see the reference).
     """
 
     def __call__(
@@ -201,7 +215,8 @@ class EMOAttnProcessor(AttnProcessor2_0):
         query, key, value = (t.reshape(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
         if attn.norm_q is not None:
             query, key = attn.norm_q(query), attn.norm_k(key)
-        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        mask = attention_mask[:, None].to(query.dtype) if attention_mask is not None else None
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
@@ -235,11 +250,14 @@ class ReferenceAttentionHook:
         batch_frames = hidden_states.shape[0]
         kwargs = dict(kwargs)
         cached = state.key_value.get(self.name) if state.key_value is not None else None
-        if state.reference_rows is not None:
-            cached = None  # the masked path below needs the tokens
+        tiled = state.reference_tiled
         if cached is not None and isinstance(attn.processor, EMOAttnProcessor):
-            kwargs["reference_key"] = _per_frame(cached[0], batch_frames, state.num_frames, self.name)
-            kwargs["reference_value"] = _per_frame(cached[1], batch_frames, state.num_frames, self.name)
+            key, value = (_per_frame(t, batch_frames, state.num_frames, self.name, tiled) for t in cached)
+            kwargs["reference_key"], kwargs["reference_value"] = key, value
+            if state.reference_rows is not None:
+                kwargs["attention_mask"] = _reference_row_mask(
+                    state.reference_rows, hidden_states, key.shape[1], state.num_frames
+                )
         else:
             tokens = state.spatial.get(self.name) if state.spatial is not None else None
             if tokens is None:
@@ -247,7 +265,7 @@ class ReferenceAttentionHook:
                     f"reference_features.spatial has no entry for layer {self.name!r}; it must come from a "
                     "ReferenceNet built from the same SD UNet as the backbone"
                 )
-            tokens = _per_frame(tokens.to(hidden_states.dtype), batch_frames, state.num_frames, self.name)
+            tokens = _per_frame(tokens.to(hidden_states.dtype), batch_frames, state.num_frames, self.name, tiled)
             kwargs["encoder_hidden_states"] = torch.cat([hidden_states, tokens], dim=1)
             if state.reference_rows is not None:
                 kwargs["attention_mask"] = _reference_row_mask(

@@ -305,7 +305,10 @@ class EMOUNet3DConditionModel(UNetMotionModel):
             check_reference_tokens(name, tokens, modules[name])
             key_value[name] = reference_key_value(modules[name], tokens.to(self.dtype))
         return ReferenceFeatures(
-            spatial=reference_features.spatial, temporal=reference_features.temporal, key_value=key_value
+            spatial=reference_features.spatial,
+            temporal=reference_features.temporal,
+            key_value=key_value,
+            tiled=reference_features.tiled,
         )
 
     @apply_forward_hook
@@ -385,6 +388,7 @@ class EMOUNet3DConditionModel(UNetMotionModel):
             state.spatial = reference_features.spatial or None
             state.key_value = reference_features.key_value or None
             state.temporal = reference_features.temporal or None
+            state.reference_tiled = reference_features.tiled
         state.speed_embeddings = speed_embeddings
         state.face_features = face_features
         state.reference_rows = reference_rows
