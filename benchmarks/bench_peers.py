@@ -221,7 +221,9 @@ def build_hallo(args: argparse.Namespace, goldens, work: Path) -> dict:
     )
     face_locator = FaceLocator(conditioning_embedding_channels=unet_config["block_out_channels"][0])  # 320 at SD1.5
     image_proj = ImageProjModel(
-        cross_attention_dim=denoising_unet.config.cross_attention_dim, clip_embeddings_dim=512, clip_extra_context_tokens=4
+        cross_attention_dim=denoising_unet.config.cross_attention_dim,
+        clip_embeddings_dim=512,
+        clip_extra_context_tokens=4,
     )
     audio_proj = AudioProjModel(**audio_proj_kwargs)
     for module in (image_proj, reference_unet, denoising_unet, face_locator, audio_proj):
@@ -382,57 +384,72 @@ def run_hallo(hallo: dict, inputs: dict, args: argparse.Namespace, clips: int, s
     return torch.cat(tensor_result, dim=2).squeeze(0)[:, :audio_length]
 
 
+def pipeline_supports_hallo() -> bool:
+    """Whether EMOPipeline takes `hallo_conditioning=` and `mode=` (the lead's pipeline integration)."""
+    from dataclasses import fields
+
+    from emo_pipeline.pipeline_emo import GenerationSettings
+
+    names = {field.name for field in fields(GenerationSettings)}
+    return {"hallo_conditioning", "mode"} <= names
+
+
 def run_ours(
-    mode: str, ours: dict, hallo: dict, inputs: dict, args: argparse.Namespace, clips: int, steps: int
+    mode: str, api: str, ours: dict, hallo: dict, inputs: dict, args: argparse.Namespace, clips: int, steps: int
 ) -> torch.Tensor:
-    """One of our modes on the same inputs: returns (3, T, H, W) in [0, 1]."""
+    """One of our modes on the same inputs: returns (3, T, H, W) in [0, 1].
+
+    api "pipeline": `EMOPipeline.__call__(None, None, hallo_conditioning=..., mode=...)` (all frames returned, as
+    Hallo's script keeps them); "iter_clips": the same through `iter_clips`, each clip dropped once counted (what
+    `write_video` does: streaming); "hallo_generate": `emo_pipeline.hallo.hallo_generate` (the clip loop without the
+    pipeline around it).
+    """
     from emo_pipeline import hallo as emo_hallo
 
     f, n, frames = args.frames_per_clip, args.motion_frames, clips * args.frames_per_clip
-    features = inputs["audio_features"][:frames]
-    if mode == "hallo_generate":
-        windows = hallo["process_audio_emb"](features)  # the same windows as Hallo's
-        video = emo_hallo.hallo_generate(
-            ours["models"],
-            hallo["vae"],
-            emo_hallo.hallo_scheduler(),
-            inputs["source_image"],
-            inputs["face_emb"],
-            inputs["face_region"],
-            windows,
-            inputs["region_masks"],
-            num_frames=f,
-            num_motion_frames=n,
-            num_inference_steps=steps,
-            guidance_scale=args.guidance_scale,
-            generator=torch.manual_seed(SEED),
-            audio_length=frames,
-        )
-        return video[0]
     conditioning = emo_hallo.HalloConditioning(
         source_image=inputs["source_image"],
         face_embedding=inputs["face_emb"],
         face_region=inputs["face_region"],
         region_masks=inputs["region_masks"],
-        audio_features=features,
+        audio_features=inputs["audio_features"][:frames],  # per frame, not windowed
         audio_length=frames,
     )
-    output = ours["pipeline"](
-        None,
-        None,
-        hallo_conditioning=conditioning,
-        mode=mode,
-        num_frames_per_clip=f,
-        num_motion_frames=n,
-        num_inference_steps=steps,
-        guidance_scale=args.guidance_scale,
-        generator=torch.manual_seed(SEED),
-        output_type="pt",
-        watermark=False,
-        height=args.size,
-        width=args.size,
-    )
-    return to_channels_frames(output.frames if hasattr(output, "frames") else output[0])
+    if api == "hallo_generate":
+        video = emo_hallo.hallo_generate(
+            ours["models"],
+            hallo["vae"],
+            emo_hallo.hallo_scheduler(),
+            conditioning,
+            mode=mode,
+            num_frames=f,
+            num_motion_frames=n,
+            num_inference_steps=steps,
+            guidance_scale=args.guidance_scale,
+            generator=torch.manual_seed(SEED),
+        )
+        return video[0]
+    call = {
+        "hallo_conditioning": conditioning,
+        "mode": mode,
+        "num_frames_per_clip": f,
+        "num_motion_frames": n,
+        "num_inference_steps": steps,
+        "guidance_scale": args.guidance_scale,
+        "generator": torch.manual_seed(SEED),
+        "output_type": "pt",
+        "watermark": False,
+        "height": args.size,
+        "width": args.size,
+    }
+    if api == "iter_clips":
+        count, last = 0, None
+        for clip in ours["pipeline"].iter_clips(None, None, **call):
+            count, last = count + len(clip), clip
+        assert last is not None and torch.isfinite(last).all()
+        return count  # the frames were dropped as they came (compared with Hallo's in the timed runs)
+    output = ours["pipeline"](None, None, **call)
+    return to_channels_frames(output.frames)
 
 
 def to_channels_frames(video: torch.Tensor) -> torch.Tensor:
@@ -443,7 +460,8 @@ def to_channels_frames(video: torch.Tensor) -> torch.Tensor:
     return video.permute(1, 0, 2, 3)
 
 
-def measured(label: str, fn, output_frames: int) -> tuple[dict, torch.Tensor]:
+def measured(label: str, fn, output_frames: int) -> tuple[dict, torch.Tensor | None]:
+    """Time and memory of `fn()`, which returns the video (3, T, H, W) or, streaming, the number of frames."""
     load_before = os.getloadavg()
     with LoopMemory() as memory, torch.no_grad():
         start = time.perf_counter()
@@ -458,6 +476,9 @@ def measured(label: str, fn, output_frames: int) -> tuple[dict, torch.Tensor]:
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
     }
+    if isinstance(video, int):
+        assert video == output_frames, (label, video)
+        return run, None
     assert video.shape[1] == output_frames, (label, tuple(video.shape))
     assert torch.isfinite(video).all(), label
     return run, video
@@ -472,31 +493,37 @@ def diff(video: torch.Tensor, reference: torch.Tensor, frames_per_clip: int) -> 
     }
 
 
-def summarise(runs: list[dict], modes: list[str]) -> dict:
+def summarise(runs: list[dict]) -> dict:
     def mean(values):
         return round(sum(values) / len(values), 4) if values else None
 
     timed = [r for r in runs if r["phase"] == "timed"]
-    hallo = mean([r["seconds_per_output_frame"] for r in timed if r["side"] == "hallo"])
-    summary = {"hallo": {"seconds_per_output_frame": hallo}}
-    summary["hallo"]["loop_peak_above_start_mb"] = max(
-        r["loop_peak_above_start_mb"] for r in timed if r["side"] == "hallo"
-    )
-    for mode in modes:
-        mine = [r for r in timed if r["side"] == f"ours-{mode}"]
-        if not mine:
-            continue
-        s = mean([r["seconds_per_output_frame"] for r in mine])
-        summary[f"ours-{mode}"] = {
-            "seconds_per_output_frame": s,
-            "ratio_to_hallo": round(s / hallo, 3),
+    summary = {}
+    for side in dict.fromkeys(r["side"] for r in timed):
+        mine = [r for r in timed if r["side"] == side]
+        summary[side] = {
+            "seconds_per_output_frame": mean([r["seconds_per_output_frame"] for r in mine]),
+            "seconds_per_output_frame_each": [r["seconds_per_output_frame"] for r in mine],
             "loop_peak_above_start_mb": max(r["loop_peak_above_start_mb"] for r in mine),
-            "max_abs_diff_to_hallo": max(r["max_abs_diff"] for r in mine),
+        }
+        if side != "hallo":
+            summary[side]["ratio_to_hallo"] = round(
+                summary[side]["seconds_per_output_frame"] / summary["hallo"]["seconds_per_output_frame"], 3
+            )
+            summary[side]["max_abs_diff_to_hallo"] = max(r["max_abs_diff"] for r in mine)
+            summary[side]["max_abs_diff_to_hallo_per_clip"] = [
+                max(values) for values in zip(*(r["max_abs_diff_per_clip"] for r in mine))
+            ]
+    floor = [r for r in runs if r["phase"] == "hallo_floor"]
+    if floor:
+        summary["hallo_vs_itself_1_thread"] = {
+            "max_abs_diff": floor[0]["max_abs_diff"],
+            "max_abs_diff_per_clip": floor[0]["max_abs_diff_per_clip"],
         }
     sweep = [r for r in runs if r["phase"] == "sweep"]
     if sweep:
-        summary["sweep"] = {
-            side: {str(r["audio_seconds"]): r["loop_peak_above_start_mb"] for r in sweep if r["side"] == side}
+        summary["sweep_loop_peak_above_start_mb"] = {
+            side: {str(r["clips"]) + " clips": r["loop_peak_above_start_mb"] for r in sweep if r["side"] == side}
             for side in dict.fromkeys(r["side"] for r in sweep)
         }
     return summary
@@ -504,16 +531,18 @@ def summarise(runs: list[dict], modes: list[str]) -> dict:
 
 def print_table(result: dict) -> None:
     summary = result["summary"]
-    print(f"\n{'side':<22} {'s/frame':>9} {'x Hallo':>8} {'loop peak MB':>13} {'max |diff|':>11}")
+    print(f"\n{'side':<28} {'s/frame':>9} {'x Hallo':>8} {'loop peak MB':>13} {'max |diff|':>11}")
     for side, row in summary.items():
-        if side == "sweep":
+        if "seconds_per_output_frame" not in row:
             continue
         print(
-            f"{side:<22} {row['seconds_per_output_frame']:>9.3f} {row.get('ratio_to_hallo', 1.0):>8.3f} "
+            f"{side:<28} {row['seconds_per_output_frame']:>9.3f} {row.get('ratio_to_hallo', 1.0):>8.3f} "
             f"{row['loop_peak_above_start_mb']:>13.1f} {row.get('max_abs_diff_to_hallo', 0.0):>11.2e}"
         )
-    for side, peaks in summary.get("sweep", {}).items():
-        print(f"sweep {side:<16} " + "  ".join(f"{s} s: {mb:.1f} MB" for s, mb in peaks.items()))
+    if "hallo_vs_itself_1_thread" in summary:
+        print(f"Hallo vs itself (1 thread): max |diff| {summary['hallo_vs_itself_1_thread']['max_abs_diff']:.2e}")
+    for side, peaks in summary.get("sweep_loop_peak_above_start_mb", {}).items():
+        print(f"sweep {side:<28} " + "  ".join(f"{k}: {mb:.1f} MB" for k, mb in peaks.items()))
 
 
 def machine_info() -> dict:
@@ -545,10 +574,18 @@ def main() -> int:
     parser.add_argument("--motion-frames", type=int, default=2)
     parser.add_argument("--guidance-scale", type=float, default=3.5)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--modes", default="parity,fast", help="ours: comma-separated modes (parity, fast)")
     parser.add_argument(
-        "--modes",
-        default="parity,fast",
-        help="ours: comma-separated EMOPipeline modes (parity, fast) and/or hallo_generate (Hallo's loop restated)",
+        "--api",
+        choices=["auto", "pipeline", "hallo_generate"],
+        default="auto",
+        help="ours through EMOPipeline(hallo_conditioning=, mode=) or emo_pipeline.hallo.hallo_generate (auto: the "
+        "pipeline where it takes hallo_conditioning)",
+    )
+    parser.add_argument(
+        "--hallo-floor",
+        action="store_true",
+        help="one more Hallo run with 1 torch thread (not timed): how far Hallo's frames move on float noise alone",
     )
     parser.add_argument(
         "--audio-seconds",
@@ -569,9 +606,9 @@ def main() -> int:
     for path in args.extra_path:
         sys.path.insert(0, str(path.resolve()))
     modes = [m for m in args.modes.split(",") if m]
-    unknown = set(modes) - {"parity", "fast", "hallo_generate"}
+    unknown = set(modes) - {"parity", "fast"}
     if unknown:
-        raise SystemExit(f"unknown mode(s) {sorted(unknown)}: use parity, fast, hallo_generate")
+        raise SystemExit(f"unknown mode(s) {sorted(unknown)}: use parity, fast")
     torch.set_num_threads(args.threads or os.cpu_count())
     torch.set_grad_enabled(False)
 
@@ -582,8 +619,11 @@ def main() -> int:
 
     from emo_pipeline import hallo as emo_hallo
 
-    if {"parity", "fast"} & set(modes) and not hasattr(emo_hallo, "build_hallo_pipeline"):
-        raise SystemExit("this emo_pipeline has no build_hallo_pipeline: use --modes hallo_generate")
+    api = args.api
+    if api == "auto":
+        api = "pipeline" if pipeline_supports_hallo() else "hallo_generate"
+    if api == "pipeline" and not pipeline_supports_hallo():
+        raise SystemExit("this EMOPipeline takes no hallo_conditioning=/mode=: use --api hallo_generate")
 
     commit = ""
     if (args.hallo_src / ".git").exists():
@@ -604,7 +644,7 @@ def main() -> int:
         if work_context:
             work_context.cleanup()  # net.pth is no longer needed: both sides hold the weights
     ours = {"models": models}
-    if {"parity", "fast"} & set(modes):
+    if api == "pipeline":
         ours["pipeline"] = emo_hallo.build_hallo_pipeline(models, hallo["vae"])
         ours["pipeline"].set_progress_bar_config(disable=True)
     weights_before = fingerprint(hallo["net"])
@@ -618,6 +658,7 @@ def main() -> int:
         "benchmark": "peers_hallo",
         "config": {
             **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "extra_path"},
+            "api": api,
             "hallo_commit": commit or "unknown (not a git checkout)",
             "shape": "tiny (the parity goldens')" if args.tiny else "SD1.5 (UNet, sd-vae-ft-mse VAE, wav2vec2-base)",
             "unet_config": hallo["unet_config"],
@@ -638,27 +679,43 @@ def main() -> int:
         result["runs"].append(run)
         print(json.dumps(run), flush=True)
 
+    prefix = "ours" if api == "pipeline" else "hallo_generate"
     sides = [("hallo", lambda c, s: run_hallo(hallo, inputs, args, c, s))]
-    sides += [(f"ours-{m}", lambda c, s, m=m: run_ours(m, ours, hallo, inputs, args, c, s)) for m in modes]
+    sides += [(f"{prefix}-{m}", lambda c, s, m=m: run_ours(m, api, ours, hallo, inputs, args, c, s)) for m in modes]
+    sweep_sides = sides[:1] + [
+        (
+            f"{prefix}-{m}" + (" (iter_clips)" if api == "pipeline" else ""),
+            lambda c, s, m=m: run_ours(m, "iter_clips" if api == "pipeline" else api, ours, hallo, inputs, args, c, s),
+        )
+        for m in modes
+    ]
 
     for label, fn in sides:  # warm-up: one clip, one step
         run, _ = measured(label, lambda fn=fn: fn(1, 1), args.frames_per_clip)
         record({**run, "phase": "warmup"})
+    hallo_frames = None
     for repeat in range(args.repeats):
         reference = None
         for label, fn in sides:
             run, video = measured(label, lambda fn=fn: fn(args.clips, args.steps), frames)
             if reference is None:
                 reference = video
+                hallo_frames = video if hallo_frames is None else hallo_frames
             record({**run, "phase": "timed", "repeat": repeat, **diff(video, reference, args.frames_per_clip)})
-        write({**result, "summary": summarise(result["runs"], modes)}, args.output)
+        write({**result, "summary": summarise(result["runs"])}, args.output)
+    if args.hallo_floor:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        run, video = measured("hallo", lambda: run_hallo(hallo, inputs, args, args.clips, args.steps), frames)
+        torch.set_num_threads(threads)
+        record({**run, "phase": "hallo_floor", "threads": 1, **diff(video, hallo_frames, args.frames_per_clip)})
     for seconds, clips in zip(args.audio_seconds, sweep_clips):
-        for label, fn in sides:
+        for label, fn in sweep_sides:
             run, _ = measured(label, lambda fn=fn, c=clips: fn(c, args.sweep_steps), clips * args.frames_per_clip)
             record({**run, "phase": "sweep", "audio_seconds": seconds, "clips": clips, "steps": args.sweep_steps})
     result["weights_unchanged"] = fingerprint(hallo["net"]) == weights_before
     result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    result["summary"] = summarise(result["runs"], modes)
+    result["summary"] = summarise(result["runs"])
     write(result, args.output)
     print_table(result)
     print(f"wrote {args.output}")
