@@ -415,18 +415,31 @@ def run_ours(
         audio_features=inputs["audio_features"][:frames],  # per frame, not windowed
         audio_length=frames,
     )
+    options = {
+        "mode": mode,
+        "num_frames": f,
+        "num_motion_frames": n,
+        "num_inference_steps": steps,
+        "guidance_scale": args.guidance_scale,
+        "generator": torch.manual_seed(SEED),
+    }
+    if api == "iter_hallo_clips":  # streaming: each clip decoded (fast: in chunks of 8, as the pipeline) and dropped
+        count, vae = 0, hallo["vae"]
+        for latents, clip in emo_hallo.iter_hallo_clips(
+            ours["models"], vae, emo_hallo.hallo_scheduler(), conditioning, **options
+        ):
+            if clip is None:
+                scaled = latents[0].permute(1, 0, 2, 3) / emo_hallo.HALLO_VAE_SCALE
+                clip = torch.cat([vae.decode(chunk).sample for chunk in scaled.split(8)])
+            count += len(clip)
+        return count
     if api == "hallo_generate":
         video = emo_hallo.hallo_generate(
             ours["models"],
             hallo["vae"],
             emo_hallo.hallo_scheduler(),
             conditioning,
-            mode=mode,
-            num_frames=f,
-            num_motion_frames=n,
-            num_inference_steps=steps,
-            guidance_scale=args.guidance_scale,
-            generator=torch.manual_seed(SEED),
+            **options,
         )
         return video[0]
     call = {
@@ -595,6 +608,7 @@ def main() -> int:
         help="memory sweep: audio lengths (rounded up to whole clips; default 2 and 4 clips); none: no sweep",
     )
     parser.add_argument("--sweep-steps", type=int, default=1)
+    parser.add_argument("--sweep-modes", default="fast", help="our modes in the memory sweep (default: fast)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     parser.add_argument("--work-dir", type=Path, help="where net.pth goes (default: a temporary folder, removed)")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "peers_hallo_sd15_128.json")
@@ -682,12 +696,11 @@ def main() -> int:
     prefix = "ours" if api == "pipeline" else "hallo_generate"
     sides = [("hallo", lambda c, s: run_hallo(hallo, inputs, args, c, s))]
     sides += [(f"{prefix}-{m}", lambda c, s, m=m: run_ours(m, api, ours, hallo, inputs, args, c, s)) for m in modes]
+    sweep_api = "iter_clips" if api == "pipeline" else "iter_hallo_clips"  # streaming
     sweep_sides = sides[:1] + [
-        (
-            f"{prefix}-{m}" + (" (iter_clips)" if api == "pipeline" else ""),
-            lambda c, s, m=m: run_ours(m, "iter_clips" if api == "pipeline" else api, ours, hallo, inputs, args, c, s),
-        )
-        for m in modes
+        (f"{prefix}-{m} ({sweep_api})", lambda c, s, m=m: run_ours(m, sweep_api, ours, hallo, inputs, args, c, s))
+        for m in args.sweep_modes.split(",")
+        if m
     ]
 
     for label, fn in sides:  # warm-up: one clip, one step
