@@ -35,10 +35,15 @@ minus the resident size at the start of the run: the run's own allocations (acti
 frames), not the weights. ``sampled_peak_above_start_mb`` is the same from a psutil thread sampling every 20 ms
 (a cross-check; it can miss short peaks).
 
-Ours: ``--modes parity,fast`` runs ``EMOPipeline`` built by ``emo_pipeline.hallo.build_hallo_pipeline`` with
-``hallo_conditioning=`` in that mode; ``hallo_generate`` (``emo_pipeline.hallo.hallo_generate``: Hallo's clip loop
-restated on our models) is also available as a mode, labelled as such. Load averages before and after every run are
-in the json: the machine has 2 cores shared with other work.
+Ours: ``--modes parity,fast`` (``--api pipeline``, the default where ``EMOPipeline`` takes ``hallo_conditioning=``):
+``EMOPipeline`` built by ``emo_pipeline.hallo.build_hallo_pipeline``, called as ``pipe(None, None,
+hallo_conditioning=..., mode=...)`` in each mode, frames returned (as Hallo's script keeps them); its memory sweep
+goes through ``pipe.iter_clips`` (streaming, as ``write_video``). ``--api hallo_generate``: the clip loop without the
+pipeline around it (``emo_pipeline.hallo.hallo_generate``; sweep through ``iter_hallo_clips``), labelled
+``hallo_generate-MODE``. ``--hallo-floor`` adds one untimed Hallo run with 1 torch thread: how far Hallo's own frames
+move on float noise alone (Hallo rounds its reference bank to fp16, so ~1e-7 differences flip roundings and grow
+through the steps and the clip chain): the scale on which the parity mode's difference is read. Load averages before
+and after every run are in the json: the machine has 2 cores shared with other work.
 """
 
 from __future__ import annotations
