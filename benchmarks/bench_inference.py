@@ -10,10 +10,12 @@ Each audio length or mode runs in a fresh subprocess (so peak memory is that run
 
 `--modes` compares ways of running the same pipeline (same random weights, seed, inputs; watermark off). A mode is
 `+`-joined parts: `fp32` (the reference, nothing changed), `bf16` (`pipe.to(torch.bfloat16)`), `compile`
-(`pipe.compile()`), `cl` (the VAE in channels-last memory format), `tiny` (`decoder="tiny"`, TAESD's architecture
-with random weights: its speed is real, its frames are not). Each mode first runs a one-clip, one-step warm-up (the
-compile modes compile there; reported as `warmup_seconds`), then the timed run. Frames are compared with the fp32
-mode's: `max_abs_diff` / `mean_abs_diff` in [0, 1] pixel units. Memory: `loop_peak_rss_mb` is the highest RSS a
+(`pipe.compile()`: backbone, ReferenceNet and VAE decoder), `vaecompile` (`pipe.compile(components=("vae",))`), `cl`
+(the VAE in channels-last memory format), `tiny` (`decoder="tiny"`, TAESD's architecture with random weights: its
+speed is real, its frames are not). Each mode first runs a one-clip, one-step warm-up (the compile modes compile
+there; reported as `warmup_seconds`), then the timed run. Frames are compared with the fp32 mode's: `max_abs_diff` /
+`mean_abs_diff` in [0, 1] pixel units.
+Memory: `loop_peak_rss_mb` is the highest RSS a
 sampling thread (every 20 ms) saw during the timed run, `construction_peak_rss_mb` the process peak before it
 (building the random-weight pipeline holds three UNet copies at once), `loop_above_models_mb` the loop's peak
 minus the RSS just before the loop (activations, caches, decoded frames).
@@ -98,7 +100,7 @@ def run_once(args: argparse.Namespace, seconds: float) -> dict:
     }
 
 
-MODE_PARTS = ("fp32", "bf16", "compile", "cl", "tiny")
+MODE_PARTS = ("fp32", "bf16", "compile", "vaecompile", "cl", "tiny")
 
 
 def parse_mode(mode: str) -> set[str]:
@@ -169,7 +171,9 @@ def run_mode(args: argparse.Namespace, mode: str, frames_path: str) -> dict:
     if "cl" in parts:
         pipe.vae.to(memory_format=torch.channels_last)
     if "compile" in parts:
-        pipe.compile()
+        pipe.compile()  # backbone, ReferenceNet and VAE decoder
+    elif "vaecompile" in parts:
+        pipe.compile(components=("vae",))
     build_seconds = time.perf_counter() - build_start
     portrait, _ = demo_assets()
     f = args.frames_per_clip

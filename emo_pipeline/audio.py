@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "DEFAULT_MAX_DURATION",
     "MAX_ARRAY_CHANNELS",
+    "FeatureWindows",
     "extract_audio_features",
     "iter_audio_features",
     "load_audio",
@@ -604,3 +605,33 @@ def window_audio_features(feats: torch.Tensor, m: int) -> torch.Tensor:
     offsets = torch.arange(-m, m + 1, device=feats.device)
     index = (torch.arange(num_frames, device=feats.device)[:, None] + offsets).clamp(0, num_frames - 1)
     return feats[index] if frame_axis == 0 else feats[:, index]
+
+
+class FeatureWindows:
+    """Windowed per-frame audio features for consecutive frame ranges, pulled lazily from an iterator of chunks
+    `(frames, ...)` (consecutive frames of the whole track, any chunk lengths).
+
+    Equals `window_audio_features(torch.cat(chunks), m)[start:stop]` with edge padding at the ends of the whole
+    track, while holding only the frames a window still needs.
+    """
+
+    def __init__(self, chunks: Iterator[torch.Tensor], num_frames: int, m: int):
+        self.chunks, self.num_frames, self.m = chunks, num_frames, m
+        self.buffer: torch.Tensor | None = None
+        self.offset = 0  # global index of buffer[0]
+
+    def window(self, start: int, stop: int) -> torch.Tensor:
+        """`(stop - start, 2m+1, L, D)` for frames start..stop-1 (frames past the end repeat the last one)."""
+        import torch
+
+        need = min(stop + self.m, self.num_frames)
+        while self.buffer is None or self.offset + self.buffer.shape[0] < need:
+            chunk = next(self.chunks)
+            self.buffer = chunk if self.buffer is None else torch.cat([self.buffer, chunk])
+        last = self.num_frames - 1
+        centres = torch.arange(start, stop).clamp(max=last)
+        index = (centres[:, None] + torch.arange(-self.m, self.m + 1)).clamp(0, last) - self.offset
+        windows = self.buffer[index.to(self.buffer.device)]
+        drop = max(0, min(stop, last) - self.m - self.offset)  # frames no later window can reach
+        self.buffer, self.offset = self.buffer[drop:], self.offset + drop
+        return windows

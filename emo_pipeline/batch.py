@@ -197,7 +197,7 @@ def run_batch(
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    from emo_pipeline.cli._common import StepProgress, demo_defaults, load_pipeline, preflight
+    from emo_pipeline.cli._common import StepProgress, clip_lengths, demo_defaults, load_pipeline, preflight
 
     start = time.perf_counter()
     on_cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
@@ -263,8 +263,6 @@ def run_batch(
                     height=size,
                     width=size,
                     fps=settings["fps"],
-                    num_frames_per_clip=settings["frames_per_clip"],
-                    num_motion_frames=settings["motion_frames"],
                     num_inference_steps=steps,
                     guidance_scale=settings["guidance_scale"],
                     speed=settings.get("speed"),
@@ -273,6 +271,7 @@ def run_batch(
                     generator=torch.Generator().manual_seed(settings["seed"]),
                     max_audio_seconds=max_audio_seconds,
                     callback_on_step_end=bar,
+                    **clip_lengths(settings.get("frames_per_clip"), settings.get("motion_frames")),
                 )
             except EMOInputError as error:
                 bar.close()

@@ -22,12 +22,13 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
+from emo_pipeline.audio import FeatureWindows
 from emo_pipeline.errors import EMOInputError
 from emo_pipeline.models.attention import ReferenceFeatures
 from emo_pipeline.models.backbone import EMOUNet3DConditionModel
@@ -40,7 +41,12 @@ __all__ = [
     "HALLO_PREFIXES",
     "HalloConditioning",
     "HalloModels",
+    "HALLO_GENERATION_DEFAULTS",
+    "HALLO_LAYOUT",
     "build_hallo_models",
+    "build_hallo_pipeline",
+    "check_motion_module",
+    "load_hallo_pipeline",
     "check_hallo_state_dict",
     "infer_hallo_sizes",
     "convert_hallo_state_dict",
@@ -318,8 +324,9 @@ class HalloModels:
 
         `latents (1, 4, f, h, w)`; `reference` from `encode_reference` (or `encode_source` + `encode_motion`, tiled,
         maybe with keys/values from the backbone's `prepare_reference`); `audio_tokens (f, T, C)` and
-        `face_features (1, C, h, w)` of the cond branch (the uncond branch gets zeros); `region_masks {level: (full, face, lip)}`, each `(1, h_l*w_l)`; the uncond branch
-        gets no reference tokens but the same motion frames and masks (Hallo's recipe).
+        `face_features (1, C, h, w)` of the cond branch (the uncond branch gets zeros); `region_masks {level: (full,
+        face, lip)}`, each `(1, h_l*w_l)`; the uncond branch gets no reference tokens but the same motion frames and
+        masks (Hallo's recipe).
         """
         frames = latents.shape[2]
         sample = torch.cat([latents, latents])
@@ -367,20 +374,31 @@ class HalloConditioning:
     source_image: `(1, 3, H, W)` in [-1, 1], the square portrait. face_embedding: `(1, 512)` raw insightface
     embedding. face_region: `(1, 3, H, W)` in [0, 1], the face locator input. region_masks: `{level: (full, face,
     lip)}`, each `(1, r*r)` in [0, 1], r = H / 8 / 2**level. audio_features: `(T, layers, dim)` per-frame wav2vec2
-    states (not windowed), T at least the video's frames (Hallo pads to whole clips). audio_length: frames of the
-    video (default T).
+    states (not windowed), T at least the video's frames (Hallo pads to whole clips); or an iterator of consecutive
+    chunks of them (`hallo_inputs.iter_hallo_audio_features`: one per Hallo2 segment, computed when the clip loop
+    reaches them, so long audio is never held whole) with `audio_frames` = T; such a conditioning serves one
+    generation. audio_length: frames of the video (default T).
     """
 
     source_image: torch.Tensor
     face_embedding: torch.Tensor
     face_region: torch.Tensor
     region_masks: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-    audio_features: torch.Tensor
+    audio_features: torch.Tensor | Iterator[torch.Tensor]
     audio_length: int | None = None
+    audio_frames: int | None = None
+    _windows: FeatureWindows | None = field(default=None, init=False, repr=False)
+
+    @property
+    def num_audio_frames(self) -> int:
+        """T: frames of audio features (Hallo: padded to whole clips)."""
+        if torch.is_tensor(self.audio_features):
+            return self.audio_features.shape[0]
+        return self.audio_frames
 
     @property
     def num_frames(self) -> int:
-        return self.audio_length if self.audio_length is not None else self.audio_features.shape[0]
+        return self.audio_length if self.audio_length is not None else self.num_audio_frames
 
     def check(self, window: int | None = None) -> None:
         """Raise `EMOInputError` naming the first field whose shape does not fit the others."""
@@ -396,15 +414,20 @@ class HalloConditioning:
             raise EMOInputError(
                 f"hallo_conditioning.face_embedding must be (1, 512), got {tuple(self.face_embedding.shape)}"
             )
-        if self.audio_features.ndim != 3:
+        if not torch.is_tensor(self.audio_features):
+            if not isinstance(self.audio_frames, int) or self.audio_frames < 1:
+                raise EMOInputError(
+                    "hallo_conditioning.audio_features is an iterator of chunks: give their total frame count T as "
+                    f"audio_frames, got {self.audio_frames!r}"
+                )
+        elif self.audio_features.ndim != 3:
             raise EMOInputError(
                 "hallo_conditioning.audio_features must be (T, layers, dim) per-frame wav2vec2 states, got "
                 f"{tuple(self.audio_features.shape)}"
             )
-        if not 0 < self.num_frames <= self.audio_features.shape[0]:
+        if not 0 < self.num_frames <= self.num_audio_frames:
             raise EMOInputError(
-                f"hallo_conditioning.audio_length ({self.audio_length}) must be in [1, T = "
-                f"{self.audio_features.shape[0]}]"
+                f"hallo_conditioning.audio_length ({self.audio_length}) must be in [1, T = {self.num_audio_frames}]"
             )
         missing = [level for level in range(4) if level not in self.region_masks]
         if missing:
@@ -414,6 +437,15 @@ class HalloConditioning:
         """`(stop - start, window, layers, dim)`: frame i gets frames i-m..i+m, clamped to the whole track (Hallo's
         `process_audio_emb` over the padded sequence)."""
         m = window // 2
+        if not torch.is_tensor(self.audio_features):  # chunks: consumed once, front to back
+            if self._windows is None:
+                self._windows = FeatureWindows(iter(self.audio_features), self.audio_frames, m)
+            elif start == 0:
+                raise EMOInputError(
+                    "this hallo_conditioning's audio chunks were consumed by an earlier generation; build a new one "
+                    "(or pass the features as one tensor)"
+                )
+            return self._windows.window(start, stop)
         last = self.audio_features.shape[0] - 1
         index = (torch.arange(start, stop)[:, None] + torch.arange(-m, m + 1)).clamp(0, last)
         return self.audio_features[index.to(self.audio_features.device)]
@@ -436,7 +468,9 @@ def iter_hallo_clips(
     motion_frame_mask_rate: float | None = None,
     eta: float = 0.0,
     precompute: bool = True,
-    on_step: Callable[[], None] | None = None,
+    on_clip_start: Callable[[int], None] | None = None,
+    on_step: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
+    interrupted: Callable[[], bool] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """Hallo's clip loop, one clip at a time: yields `(latents (1, 4, f, h, w), frames)` per clip.
 
@@ -452,8 +486,12 @@ def iter_hallo_clips(
         `(1, 4, f, h, w)` from it, so both modes start every clip from the same noise.
     motion_frame_mask_rate: Hallo2 (`inference_long.py`, parity mode): before each clip's noise, one `rand(H, W)` mask
         keeps motion-frame pixels where `> rate` or inside the face box (0.25 released); None for Hallo.
+    guidance_scale: a number, or a function read at every step (a pipeline callback may change it); <= 1 takes the
+        conditional branch alone, as Hallo does.
     precompute: project the reference keys/values once (False under offload hooks, where the backbone's weights
-        are only in place inside its forward). on_step: called after every denoising step (progress bars).
+        are only in place inside its forward).
+    on_clip_start(clip), on_step(step, timestep, latents) -> new latents or None, interrupted() -> bool (checked
+        before every step; the clip in progress is returned as it stands, then the loop ends): a pipeline's hooks.
     """
     if mode not in HALLO_MODES:
         raise EMOInputError(f"mode must be one of {HALLO_MODES}, got {mode!r}")
@@ -486,6 +524,8 @@ def iter_hallo_clips(
             source = models.backbone.prepare_reference(source)
         motion_latents = source_latents.repeat(n, 1, 1, 1)  # clip 0: the source image itself
     for clip in range(num_clips):
+        if on_clip_start is not None:
+            on_clip_start(clip)
         start = clip * f
         if mode == "parity":
             if motion_frame_mask_rate is not None:
@@ -509,22 +549,28 @@ def iter_hallo_clips(
         windows = conditioning.audio_windows(start, start + f, window)[None].to(device=device, dtype=dtype)
         audio = models.audio_tokens(windows)
         scheduler.set_timesteps(num_inference_steps, device=device)
-        for t in scheduler.timesteps:
+        for step, t in enumerate(scheduler.timesteps):
+            if interrupted is not None and interrupted():
+                break
             eps = models.denoise(latents.to(dtype), t, reference, id_tokens, audio, face, region_masks, motion_scale)
             uncond, cond = eps.to(latent_dtype).chunk(2)
-            guided = uncond + guidance_scale * (cond - uncond)
+            scale = guidance_scale() if callable(guidance_scale) else guidance_scale
+            guided = uncond + scale * (cond - uncond) if scale > 1 else cond
             latents = scheduler.step(guided, t, latents, eta=eta, return_dict=False)[0]
             if on_step is not None:
-                on_step()
+                replaced = on_step(step, t, latents)
+                latents = latents if replaced is None else replaced.to(latent_dtype)
         if mode == "fast":
             motion_latents = latents[0, :, f - n :].permute(1, 0, 2, 3)
             yield latents.float(), None
-            continue
-        frames = latents[0].permute(1, 0, 2, 3) / HALLO_VAE_SCALE  # (f, 4, h, w), decoded one frame at a time
-        frames = torch.cat([vae.decode(frame[None].to(vae.dtype)).sample for frame in frames])
-        frames = (frames / 2 + 0.5).clamp(0, 1).float()  # (f, 3, H, W)
-        motion_pixels = frames[f - n :].to(source_image.dtype) * 2.0 - 1.0
-        yield latents.float(), frames
+        else:
+            frames = latents[0].permute(1, 0, 2, 3) / HALLO_VAE_SCALE  # (f, 4, h, w), decoded one frame at a time
+            frames = torch.cat([vae.decode(frame[None].to(vae.dtype)).sample for frame in frames])
+            frames = (frames / 2 + 0.5).clamp(0, 1).float()  # (f, 3, H, W)
+            motion_pixels = frames[f - n :].to(source_image.dtype) * 2.0 - 1.0
+            yield latents.float(), frames
+        if interrupted is not None and interrupted():
+            return
 
 
 @torch.no_grad()
@@ -665,3 +711,169 @@ def load_hallo_models(
     state = load_hallo_state_dict(path)
     sizes = infer_hallo_sizes(state, audio_dim=audio_dim, window_size=window_size)
     return load_hallo_weights(build_hallo_models(unet_config, **sizes), state)
+
+
+# ------------------------------------------------------------------------------------------ pipeline conversion
+
+HALLO_REPO = "https://github.com/fudan-generative-vision/hallo"
+HALLO2_REPO = "https://github.com/fudan-generative-vision/hallo2"
+# Hallo's inference defaults (configs/inference/default.yaml): the converted pipeline's own generation defaults.
+HALLO_GENERATION_DEFAULTS = {
+    "height": 512,
+    "width": 512,
+    "fps": 25,
+    "num_frames_per_clip": 16,
+    "num_motion_frames": 2,
+    "num_inference_steps": 40,
+    "guidance_scale": 3.5,
+}
+# The release's `pretrained_models/` folder (Hallo's README), relative paths.
+HALLO_LAYOUT = {
+    "net": "hallo/net.pth",
+    "unet_config": "stable-diffusion-v1-5/unet/config.json",
+    "vae": "sd-vae-ft-mse",
+    "wav2vec": "wav2vec/wav2vec2-base-960h",
+    "motion_module": "motion_module/mm_sd_v15_v2.ckpt",
+    "face_analysis": "face_analysis",
+    "audio_separator": "audio_separator/Kim_Vocal_2.onnx",
+}
+
+
+def build_hallo_pipeline(
+    models: HalloModels,
+    vae: AutoencoderKL,
+    audio_encoder=None,
+    feature_extractor=None,
+    scheduler: DDIMScheduler | None = None,
+    metadata: dict | None = None,
+):
+    """An `EMOPipeline` running Hallo's networks: `models` (e.g. `load_hallo_models`), the SD VAE Hallo uses
+    (sd-vae-ft-mse), wav2vec2 (`Wav2Vec2Model` + its feature extractor; may be None when every call passes
+    `hallo_conditioning=`) and Hallo's scheduler (default `hallo_scheduler()`).
+
+    Its `emo_metadata` carries Hallo's generation defaults (`HALLO_GENERATION_DEFAULTS`) and `metadata`.
+    """
+    from emo_pipeline.pipeline_emo import EMOPipeline
+
+    if abs(vae.config.scaling_factor - HALLO_VAE_SCALE) > 1e-9:
+        raise EMOInputError(
+            f"the VAE's scaling_factor is {vae.config.scaling_factor}, but Hallo's weights were trained on SD's "
+            f"{HALLO_VAE_SCALE} (sd-vae-ft-mse): pass that VAE"
+        )
+    pipe = EMOPipeline(
+        vae=vae,
+        reference_net=models.reference_net,
+        unet=models.backbone,
+        audio_encoder=audio_encoder,
+        feature_extractor=feature_extractor,
+        scheduler=scheduler or hallo_scheduler(),
+        identity_proj=models.identity_proj,
+    )
+    metadata = dict(metadata or {})
+    metadata["family"] = metadata.get("family", "hallo")
+    metadata["generation_defaults"] = {**HALLO_GENERATION_DEFAULTS, **metadata.get("generation_defaults", {})}
+    pipe.emo_metadata = metadata
+    return pipe
+
+
+def _required(root: Path, relative: str, what: str) -> Path:
+    path = root / relative
+    if not path.exists():
+        raise EMOInputError(
+            f"{path} is missing ({what}); expected Hallo's pretrained_models layout: "
+            + ", ".join(f"{v}" for k, v in HALLO_LAYOUT.items() if k not in ("motion_module", "audio_separator"))
+        )
+    return path
+
+
+def check_motion_module(motion_module: str | os.PathLike, state: dict[str, torch.Tensor]) -> int:
+    """Every tensor of AnimateDiff's `mm_sd_v15_v2.ckpt` must be overwritten by `net.pth` (Hallo loads the motion
+    module first, then net.pth strictly, which holds them under `denoising_unet.`), so the file adds nothing.
+
+    Returns the number of tensors checked; raises `EMOInputError` listing those net.pth lacks (Hallo would run them
+    from the motion-module file, which this conversion does not read).
+    """
+    path = Path(motion_module)
+    try:
+        module = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # noqa: BLE001 - any reader failure means the same thing to the user
+        raise EMOInputError(
+            f"cannot read the motion module {path} (AnimateDiff's mm_sd_v15_v2.ckpt): {error}"
+        ) from error
+    module = module.get("state_dict", module) if isinstance(module, dict) else module
+    if not isinstance(module, dict) or not module:
+        raise EMOInputError(f"{path} is not an AnimateDiff motion-module state dict")
+    uncovered = [key for key in module if f"denoising_unet.{key}" not in state]
+    if uncovered:
+        raise EMOInputError(
+            f"{len(uncovered)} tensors of the motion module {path} are not in net.pth (e.g. {uncovered[:3]}): "
+            "this is not the motion module the checkpoint was trained with, or net.pth is incomplete"
+        )
+    return len(module)
+
+
+def load_hallo_pipeline(
+    pretrained_models: str | os.PathLike,
+    net: str | os.PathLike | None = None,
+    torch_dtype: torch.dtype | None = None,
+):
+    """The `EMOPipeline` of Hallo's (or Hallo2's) release folder `pretrained_models/` (layout: `HALLO_LAYOUT`).
+
+    `net`: the checkpoint to load (default `hallo/net.pth`; Hallo2: `hallo2/net.pth`), relative to the folder or a
+    path. Every key of net.pth is placed (`load_hallo_weights`), and the motion module, when present, is checked to
+    be fully overwritten by net.pth (`check_motion_module`). The insightface models and the vocal separator stay
+    where they are: their paths become the pipeline's defaults (`face_analysis_dir`, `audio_separator_model`).
+    Raises `EMOInputError` naming a missing or unreadable file.
+    """
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    root = Path(pretrained_models).expanduser()
+    if not root.is_dir():
+        raise EMOInputError(f"--hallo {root}: not a folder (Hallo's pretrained_models/)")
+    if net is None:
+        net_path = _required(root, HALLO_LAYOUT["net"], "Hallo's networks")
+    else:
+        net_path = Path(net).expanduser()
+        net_path = root / net_path if not net_path.is_absolute() and (root / net_path).exists() else net_path
+        if not net_path.is_file():
+            raise EMOInputError(f"net.pth {net_path} does not exist (e.g. hallo2/net.pth for Hallo2)")
+    unet_config = _required(root, HALLO_LAYOUT["unet_config"], "SD1.5's UNet config")
+    vae_dir = _required(root, HALLO_LAYOUT["vae"], "the VAE")
+    wav2vec_dir = _required(root, HALLO_LAYOUT["wav2vec"], "wav2vec2-base-960h")
+
+    state = load_hallo_state_dict(net_path)
+    motion_module = root / HALLO_LAYOUT["motion_module"]
+    checked = check_motion_module(motion_module, state) if motion_module.exists() else 0
+    wav2vec_config = Wav2Vec2Config.from_pretrained(wav2vec_dir)
+    sizes = infer_hallo_sizes(state, audio_dim=wav2vec_config.hidden_size)
+    models = load_hallo_weights(build_hallo_models(unet_config, **sizes), state)
+    del state
+    try:
+        vae = AutoencoderKL.from_pretrained(vae_dir)
+        audio_encoder = Wav2Vec2Model.from_pretrained(wav2vec_dir)
+        feature_extractor = Wav2Vec2FeatureExtractor.from_pretrained(wav2vec_dir)
+    except (OSError, ValueError) as error:
+        raise EMOInputError(f"cannot load a model of {root}: {error}") from error
+    variant = "hallo2" if "hallo2" in net_path.parts else "hallo"
+    defaults = {}
+    if (root / HALLO_LAYOUT["face_analysis"]).is_dir():
+        defaults["face_analysis_dir"] = str((root / HALLO_LAYOUT["face_analysis"]).resolve())
+    if (root / HALLO_LAYOUT["audio_separator"]).is_file():
+        defaults["audio_separator_model"] = str((root / HALLO_LAYOUT["audio_separator"]).resolve())
+    metadata = {
+        "family": variant,
+        "license": "other",  # MIT code; the weights' terms are upstream's (see the model card)
+        "source": HALLO2_REPO if variant == "hallo2" else HALLO_REPO,
+        "converted_from": {
+            "net": str(net_path),
+            "motion_module": f"{motion_module} ({checked} tensors, all overwritten by net.pth)" if checked else None,
+            "vae": str(vae_dir),
+            "audio_encoder": str(wav2vec_dir),
+        },
+        "base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        "audio_encoder": "facebook/wav2vec2-base-960h",
+        "converted_with": f"emo-convert --hallo {root}" + (f" --net {net}" if net is not None else ""),
+        "generation_defaults": defaults,
+    }
+    pipe = build_hallo_pipeline(models, vae, audio_encoder.eval(), feature_extractor, metadata=metadata)
+    return pipe.to(dtype=torch_dtype) if torch_dtype is not None else pipe

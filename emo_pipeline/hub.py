@@ -119,7 +119,29 @@ def _source(value: Any) -> str:
     return f"a local copy (`{Path(str(value)).name}`)"
 
 
+HALLO_LICENSE_NOTE = (
+    "The weights are converted from {family}'s release ({source}). {family}'s code is MIT-licensed; the weights' "
+    "terms of use are the upstream project's (read its README and licence before any use, commercial use in "
+    "particular). They build on Stable Diffusion 1.5 (CreativeML OpenRAIL-M, with its use restrictions) and "
+    "wav2vec2; the insightface face-analysis models {family} uses for the identity embedding are released for non-"
+    "commercial research only, and Hallo2's CodeFormer super-resolution (not part of this pipeline) is under a non-"
+    "commercial licence. emo-pipeline's own code is Apache-2.0."
+)
+
+
+def _is_hallo(metadata: dict) -> bool:
+    return metadata.get("family") in ("hallo", "hallo2")
+
+
 def _training_section(metadata: dict) -> str:
+    if _is_hallo(metadata):
+        family = "Hallo2" if metadata["family"] == "hallo2" else "Hallo"
+        return (
+            "## Training data and stages\n\n"
+            f"Trained by {family}'s authors ({metadata.get('source')}) on their talking-head data; converted "
+            f"unchanged with `{metadata.get('converted_with', 'emo-convert --hallo')}` (every tensor of net.pth "
+            "placed, outputs equal to their code's: tests/test_hallo_parity.py)."
+        )
     training = metadata.get("training")
     lines = ["## Training data and stages", ""]
     if not training:
@@ -187,6 +209,14 @@ def build_model_card(metadata: dict | None = None, repo_id: str | None = None) -
         license=license_id,
         base_model=_hub_id(metadata.get("base_model")),
     )
+    if _is_hallo(metadata):
+        family = "Hallo2" if metadata["family"] == "hallo2" else "Hallo"
+        licence_text = HALLO_LICENSE_NOTE.format(family=family, source=metadata.get("source"))
+    else:
+        licence_text = (
+            "The weights inherit the licence of the base model (Stable Diffusion 1.5: CreativeML OpenRAIL-M, with its "
+            "use restrictions) and of the audio encoder and motion module they were built from."
+        )
     name = repo_id or "path/to/emo-pipeline"
     title = repo_id.split("/")[-1] if repo_id else "EMO pipeline"
     provenance = "\n".join(
@@ -199,6 +229,12 @@ def build_model_card(metadata: dict | None = None, repo_id: str | None = None) -
     )
     if metadata.get("converted_with"):
         provenance += f"\n- Converted with: {metadata['converted_with']}"
+    if _is_hallo(metadata):
+        provenance = (
+            f"- Weights: {metadata['family']}'s released `net.pth` ({metadata.get('source')}): ReferenceNet, backbone "
+            "(audio modules, identity cross-attention, motion modules), face locator, audio and identity projections\n"
+            + provenance
+        )
     body = f"""
 # {title}
 
@@ -239,7 +275,7 @@ The video is 512x512 at 25 fps by default and as long as the audio; a GPU is str
 
 ## Limitations
 
-- Quality depends on training; untrained (converted) weights produce noise, not faces.
+- Quality depends on training; untrained (converted from SD1.5) weights produce noise, not faces.
 - One frontal-ish face per portrait; profiles, occlusions, several faces and non-human faces are out of scope.
 - The head and expressions follow the audio, but identity can drift over long videos, and hands, teeth and
   accessories are often wrong. Speech in languages or voices far from the training data transfers less well.
@@ -258,8 +294,7 @@ emo-pipeline marks its output by default: every frame carries an **invisible wat
 
 ## License
 
-The weights inherit the licence of the base model (Stable Diffusion 1.5: CreativeML OpenRAIL-M, with its use
-restrictions) and of the audio encoder and motion module they were built from. Card licence: `{license_id}`.
+{licence_text} Card licence: `{license_id}`.
 
 ## Citation
 

@@ -47,12 +47,14 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
-from emo_pipeline.audio import iter_audio_features, load_audio, num_video_frames
+from emo_pipeline.audio import FeatureWindows, iter_audio_features, load_audio, num_video_frames
 from emo_pipeline.devices import has_offload_hooks
 from emo_pipeline.errors import EMOInputError
 from emo_pipeline.face import PreparedPortrait, prepare_portrait
+from emo_pipeline.hallo import HALLO_MODES, HalloConditioning, iter_hallo_clips
 from emo_pipeline.models.attention import ReferenceFeatures
 from emo_pipeline.models.backbone import EMOUNet3DConditionModel
+from emo_pipeline.models.identity import IdentityProjection
 from emo_pipeline.models.reference_net import ReferenceNet
 from emo_pipeline.models.step_cache import check_step_cache_interval, with_step_cache
 
@@ -95,8 +97,10 @@ class GenerationSettings:
     """The generation arguments of `EMOPipeline.__call__`, `iter_clips` and `write_video`, defined once.
 
     The three methods take these fields as keyword-only arguments; their signatures (`inspect.signature`) and
-    `help()` list every one with the default below (the paper's where it gives one). The clip loop reads them from
-    an instance of this class.
+    `help()` list every one with the default below (the paper's where it gives one). A pipeline may carry its own
+    defaults for some (`pipe.emo_metadata["generation_defaults"]`: a converted Hallo pipeline has Hallo's 16 frames
+    per clip, 2 motion frames, 40 steps); they apply to the arguments a call does not pass. The clip loop reads them
+    from an instance of this class.
 
     Args:
         height: output height in pixels: equal to `width` (the portrait is cropped square around its face) and a
@@ -141,6 +145,25 @@ class GenerationSettings:
             caching (`emo_pipeline.models.step_cache`): the backbone's deep blocks run at one step in N of each
             clip and their features are reused at the N - 1 steps between. Faster, training-free, approximate:
             frames differ from the uncached run (measured in benchmarks/README.md). N = 1 changes nothing.
+        mode: Hallo weights only. "fast": the networks run on what changed only (the portrait through the ReferenceNet
+            once per video, its keys/values cached, motion frames taken from the previous clip's latents, latents in
+            float32); "parity": Hallo's own loop exactly (motion frames decoded and re-encoded, reference bank rounded
+            to float16, frames decoded one by one), for comparison with Hallo's outputs.
+        face_embedding: Hallo weights: the `(512,)` or `(1, 512)` insightface identity embedding of the portrait;
+            skips insightface (default: computed with the models in `face_analysis_dir`).
+        face_analysis_dir: Hallo weights: folder of Hallo's insightface models (`pretrained_models/face_analysis`);
+            default: the one recorded when the pipeline was converted (`emo-convert --hallo`).
+        motion_scale: Hallo weights: weights of the audio attention on the (full, face, lip) regions.
+        motion_frame_mask_rate: Hallo2 weights, parity mode: before each clip, motion-frame pixels outside the face
+            are dropped with this probability (Hallo2's long-video setting: 0.25); None: no masking.
+        audio_separator_model: Hallo weights: an audio-separator model file (Hallo: `pretrained_models/
+            audio_separator/Kim_Vocal_2.onnx`) to keep only the vocals before wav2vec2; None: the audio as given.
+        audio_segment_seconds: Hallo weights: Hallo2's long-audio option, wav2vec2 run on segments of this many
+            seconds (Hallo2: 60) instead of the whole track at once (Hallo), so its attention never spans a long
+            track; each segment is normalised and encoded on its own, which changes the features near the cuts.
+        hallo_conditioning: Hallo weights: precomputed inputs (`emo_pipeline.hallo.HalloConditioning`: portrait
+            pixels, identity embedding, face region and masks, per-frame audio features) in place of the front end;
+            `image` and `audio` may then be None (the video is silent).
     """
 
     height: int = 512
@@ -167,6 +190,15 @@ class GenerationSettings:
     ) = None
     callback_on_step_end_tensor_inputs: tuple[str, ...] | list[str] = ("latents",)
     step_cache: int | None = None  # off: the output is exact; caching is an opt-in approximation
+    # Hallo / Hallo2 weights (`emo_pipeline.hallo`); native EMO weights refuse these when set.
+    mode: str = "fast"
+    face_embedding: np.ndarray | torch.Tensor | None = None
+    face_analysis_dir: str | os.PathLike | None = None
+    motion_scale: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    motion_frame_mask_rate: float | None = None
+    audio_separator_model: str | os.PathLike | None = None
+    audio_segment_seconds: float | None = None
+    hallo_conditioning: HalloConditioning | None = None
 
 
 # The positional inputs of `__call__`, `iter_clips` and `write_video`, documented once like `GenerationSettings`.
@@ -221,6 +253,14 @@ def _takes_generation_settings(method: Callable) -> Callable:
             bound = signature.bind(*args, **kwargs)
         except TypeError as error:
             raise TypeError(f"{method.__qualname__}(): {error}") from None
+        # A pipeline's own defaults (`emo_metadata["generation_defaults"]`, e.g. Hallo's clip lengths) fill the
+        # settings the call does not pass; then the signature's defaults.
+        own_defaults = (getattr(bound.arguments.get("self"), "emo_metadata", None) or {}).get(
+            "generation_defaults", {}
+        )
+        for name in names:
+            if name in own_defaults and name not in bound.arguments:
+                bound.arguments[name] = own_defaults[name]
         bound.apply_defaults()
         arguments = dict(bound.arguments)
         settings = GenerationSettings(**{name: arguments.pop(name) for name in names})
@@ -242,31 +282,13 @@ class _Plan:
     speed: np.ndarray | None  # (num_frames,) rad/s
 
 
-class _AudioWindows:
-    """Windowed audio features for consecutive frame ranges, pulled lazily from a chunk iterator.
-
-    Equals `window_audio_features(torch.cat(chunks), m)[start:stop]` with edge padding at the ends of the whole
-    track, while holding only the frames a window still needs.
-    """
-
-    def __init__(self, chunks: Iterator[torch.Tensor], num_frames: int, m: int):
-        self.chunks, self.num_frames, self.m = chunks, num_frames, m
-        self.buffer: torch.Tensor | None = None
-        self.offset = 0  # global index of buffer[0]
-
-    def window(self, start: int, stop: int) -> torch.Tensor:
-        """`(stop - start, 2m+1, L, D)` for frames start..stop-1 (frames past the end repeat the last one)."""
-        need = min(stop + self.m, self.num_frames)
-        while self.buffer is None or self.offset + self.buffer.shape[0] < need:
-            chunk = next(self.chunks)
-            self.buffer = chunk if self.buffer is None else torch.cat([self.buffer, chunk])
-        last = self.num_frames - 1
-        centres = torch.arange(start, stop).clamp(max=last)
-        index = (centres[:, None] + torch.arange(-self.m, self.m + 1)).clamp(0, last) - self.offset
-        windows = self.buffer[index.to(self.buffer.device)]
-        drop = max(0, min(stop, last) - self.m - self.offset)  # frames no later window can reach
-        self.buffer, self.offset = self.buffer[drop:], self.offset + drop
-        return windows
+def _portrait_of(conditioning: HalloConditioning) -> PreparedPortrait:
+    """The `PreparedPortrait` a `HalloConditioning` stands for (its pixels and face region)."""
+    pixels = ((conditioning.source_image[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    mask = (conditioning.face_region[0, 0] > 0).float().cpu().numpy()
+    ys, xs = np.nonzero(mask)
+    box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] if len(xs) else [0, 0, 0, 0], dtype=np.float32)
+    return PreparedPortrait(image=PIL.Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy()), face_box=box, mask=mask)
 
 
 def _is_int(value: Any) -> bool:
@@ -278,7 +300,9 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     Components: `vae` (frozen SD VAE), `reference_net` (`ReferenceNet`), `unet` (`EMOUNet3DConditionModel`),
     `audio_encoder` (`Wav2Vec2Model`), `feature_extractor` (`Wav2Vec2FeatureExtractor`), `scheduler` (any diffusers
-    scheduler with `set_timesteps`/`step`; DDIM by default).
+    scheduler with `set_timesteps`/`step`; DDIM by default), and `identity_proj` (`IdentityProjection`, optional:
+    only pipelines converted from Hallo / Hallo2 weights have one, see `emo_pipeline.hallo.build_hallo_pipeline`;
+    `pipe.is_hallo` tells).
 
     Generate with `pipe(image, audio, ...)` (the whole video in memory), `pipe.iter_clips(...)` (clip by clip) or
     `pipe.write_video(path, ...)` (streamed to an mp4); they share the keyword arguments of `GenerationSettings`.
@@ -292,7 +316,8 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     """
 
     _lora_loadable_modules = ["unet"]
-    model_cpu_offload_seq = "audio_encoder->reference_net->unet->vae"
+    _optional_components = ["identity_proj"]
+    model_cpu_offload_seq = "audio_encoder->identity_proj->reference_net->unet->vae"
     _callback_tensor_inputs = ["latents", "motion_latents"]
     # Per-call state, read through the properties below (diffusers' names). Class defaults until the first call.
     _guidance_scale: float | None = None
@@ -311,6 +336,7 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         audio_encoder: Wav2Vec2Model,
         feature_extractor: Wav2Vec2FeatureExtractor,
         scheduler: SchedulerMixin,
+        identity_proj: IdentityProjection | None = None,
     ):
         super().__init__()
         self.register_modules(
@@ -320,6 +346,7 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             audio_encoder=audio_encoder,
             feature_extractor=feature_extractor,
             scheduler=scheduler,
+            identity_proj=identity_proj,
         )
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.emo_metadata: dict = {}  # provenance and training history: emo_metadata.json and the model card
@@ -427,15 +454,31 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if not valid:
             self.unet._install_emo_processors()
 
-    def compile(self, mode: str | None = None, dynamic: bool = False, **compile_kwargs) -> None:
-        """`torch.compile` the backbone and the ReferenceNet in place (`fullgraph=True`: neither has a graph break).
+    COMPILABLE = ("unet", "reference_net", "vae")
+
+    def compile(
+        self,
+        mode: str | None = None,
+        dynamic: bool = False,
+        components: tuple[str, ...] | list[str] = COMPILABLE,
+        **compile_kwargs,
+    ) -> None:
+        """`torch.compile` the backbone, the ReferenceNet and the VAE's decoder in place (`fullgraph=True`: none has
+        a graph break).
 
         The first clip pays the compilation (minutes at SD1.5 size); later clips and videos of the same size reuse
         it. `dynamic=False` specialises on the shapes, which stay fixed within a video: the backbone sees one batch
-        shape per guidance mode, the ReferenceNet one for the portrait and one for the motion frames. `mode`
-        (e.g. "max-autotune") and other arguments go to `torch.compile`.
+        shape per guidance mode, the ReferenceNet one for the portrait and one for the motion frames, the decoder
+        one per chunk size. `components`: which of "unet", "reference_net", "vae" (on this project's CPU benchmark
+        the compiled decoder was 6x faster than eager while the compiled UNets were slower: compile the VAE alone
+        with `components=("vae",)`, see benchmarks/README.md). `mode` (e.g. "max-autotune") and other arguments go
+        to `torch.compile`.
         """
-        for model in (self.unet, self.reference_net):
+        unknown = set(components) - set(self.COMPILABLE)
+        if unknown:
+            raise EMOInputError(f"compile: unknown components {sorted(unknown)}; choose from {self.COMPILABLE}")
+        for name in components:
+            model = self.vae.decoder if name == "vae" else getattr(self, name)
             model.compile(fullgraph=True, dynamic=dynamic, mode=mode, **compile_kwargs)
 
     def set_scheduler(self, name: str, **config_overrides) -> None:
@@ -466,6 +509,11 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     def interrupt(self) -> bool:
         """Set `pipe._interrupt = True` (e.g. from a callback) to stop generating after the current step."""
         return self._interrupt
+
+    @property
+    def is_hallo(self) -> bool:
+        """Whether the backbone has Hallo's layout (audio modules; converted with `emo-convert --hallo`)."""
+        return getattr(self.unet.config, "audio_attention", None) == "audio_modules"
 
     @property
     def audio_window(self) -> int:
@@ -727,8 +775,11 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         )
         if settings.decoder not in DECODERS:
             raise EMOInputError(f"decoder must be one of {DECODERS}, got {settings.decoder!r}")
+        self._check_family_settings(settings)
         if settings.decoder == "tiny" and settings.output_type != "latent" and self.tiny_decoder is None:
             self.load_tiny_decoder()  # now, so a missing decoder is reported before any generation
+        if self.is_hallo:
+            return self._free_model_hooks_after(self._start_hallo(image, audio, settings))
         check_step_cache_interval(settings.step_cache)
         samples = load_audio(
             audio, SAMPLE_RATE, max_duration=settings.max_audio_seconds, src_sample_rate=settings.audio_sample_rate
@@ -763,6 +814,213 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         finally:
             self.maybe_free_model_hooks()
 
+    # ------------------------------------------------------------------------------------------ Hallo weights
+
+    _HALLO_ONLY = (
+        "mode",
+        "face_embedding",
+        "face_analysis_dir",
+        "motion_scale",
+        "motion_frame_mask_rate",
+        "audio_separator_model",
+        "audio_segment_seconds",
+        "hallo_conditioning",
+    )
+    _EMO_ONLY = ("speed", "face_mask", "step_cache")
+
+    def _check_family_settings(self, settings: GenerationSettings) -> None:
+        """Refuse settings the loaded weights cannot honour (Hallo's with EMO's backbone and the reverse)."""
+        defaults = GenerationSettings()
+        if not self.is_hallo:
+            used = [
+                name
+                for name in self._HALLO_ONLY
+                if getattr(settings, name) is not None
+                and (getattr(defaults, name) is None or getattr(settings, name) != getattr(defaults, name))
+            ]
+            if used:
+                raise EMOInputError(
+                    f"{used} apply to Hallo / Hallo2 weights only; this pipeline's backbone is EMO's "
+                    "(convert Hallo's weights with `emo-convert --hallo`)"
+                )
+            return
+        used = [name for name in self._EMO_ONLY if getattr(settings, name) is not None]
+        if used:
+            raise EMOInputError(
+                f"{used} are not available with Hallo weights (no speed condition; the face region comes from face "
+                "landmarks, pass hallo_conditioning= to set it; no step cache for its audio modules yet)"
+            )
+        if settings.mode not in HALLO_MODES:
+            raise EMOInputError(f"mode must be one of {HALLO_MODES}, got {settings.mode!r}")
+        if float(settings.fps) != int(settings.fps):
+            raise EMOInputError(
+                f"fps must be a whole number with Hallo weights (Hallo's audio frames are sample_rate // fps samples; "
+                f"it was trained at 25), got {settings.fps!r}"
+            )
+        if settings.mode == "parity" and settings.decoder != "vae":
+            raise EMOInputError("mode='parity' decodes with the VAE frame by frame as Hallo does: use decoder='vae'")
+        rate = settings.motion_frame_mask_rate
+        if rate is not None and not (isinstance(rate, numbers.Real) and 0 <= rate < 1):
+            raise EMOInputError(f"motion_frame_mask_rate must be in [0, 1) (Hallo2: 0.25), got {rate!r}")
+        scale = settings.motion_scale
+        if len(scale) != 3 or not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in scale):
+            raise EMOInputError(f"motion_scale must be three finite numbers (full, face, lip), got {scale!r}")
+        unknown = set(settings.callback_on_step_end_tensor_inputs) - {"latents"}
+        if unknown:
+            raise EMOInputError(f"with Hallo weights a callback gets 'latents' only, not {sorted(unknown)}")
+        if has_offload_hooks(self.unet):
+            raise EMOInputError(
+                "CPU/group offloading is not supported with Hallo weights yet: the Hallo loop calls the identity "
+                "projection, face locator and audio projection directly; move the pipeline to one device instead"
+            )
+
+    def _start_hallo(self, image: Any, audio: Any, settings: GenerationSettings) -> Iterator:
+        """`_start` for Hallo weights: Hallo's front end (or `hallo_conditioning`), the plan, the clip loop."""
+        size = settings.height
+        conditioning = settings.hallo_conditioning
+        if conditioning is None:
+            if image is None or audio is None:
+                raise EMOInputError("pass a portrait image and an audio track (or hallo_conditioning=)")
+            samples = load_audio(
+                audio, SAMPLE_RATE, max_duration=settings.max_audio_seconds, src_sample_rate=settings.audio_sample_rate
+            )
+            portrait = prepare_portrait(image, size=size, face_index=settings.face_index, face_box=settings.face_box)
+            conditioning = self._hallo_conditioning(portrait, samples, settings)
+        else:
+            if not isinstance(conditioning, HalloConditioning):
+                raise EMOInputError(
+                    f"hallo_conditioning must be an emo_pipeline.hallo.HalloConditioning, got {type(conditioning)}"
+                )
+            conditioning.check()
+            if conditioning.source_image.shape[-1] != size:
+                raise EMOInputError(
+                    f"height/width ({size}) must equal hallo_conditioning.source_image's size "
+                    f"({conditioning.source_image.shape[-1]})"
+                )
+            duration = conditioning.num_frames / settings.fps
+            samples = (
+                np.zeros(round(duration * SAMPLE_RATE), dtype=np.float32)
+                if audio is None
+                else load_audio(audio, SAMPLE_RATE, src_sample_rate=settings.audio_sample_rate)
+            )
+            portrait = _portrait_of(conditioning)
+        self.last_plan = plan = _Plan(
+            portrait=portrait,
+            audio=samples,
+            num_frames=conditioning.num_frames,
+            num_clips=math.ceil(conditioning.num_frames / settings.num_frames_per_clip),
+            speed=None,
+        )
+        return self._generate_hallo(plan, conditioning, settings)
+
+    def _hallo_conditioning(
+        self, portrait: PreparedPortrait, samples: np.ndarray, settings: GenerationSettings
+    ) -> HalloConditioning:
+        """Hallo's front end on the cropped portrait and the track: landmarks -> face region and masks, insightface
+        identity embedding (or `face_embedding`), wav2vec2 features interpolated before the transformer."""
+        from emo_pipeline import hallo_inputs
+
+        size = settings.height
+        embedding = settings.face_embedding
+        if embedding is not None:
+            embedding = torch.as_tensor(np.asarray(embedding, dtype=np.float32)).reshape(1, -1)
+            expected = self.identity_proj.config.embed_dim
+            if embedding.shape[1] != expected or not torch.isfinite(embedding).all():
+                raise EMOInputError(
+                    f"face_embedding must hold {expected} finite numbers (an insightface embedding), got shape "
+                    f"{tuple(np.shape(settings.face_embedding))}"
+                )
+        else:
+            folder = settings.face_analysis_dir
+            if folder is None:
+                raise EMOInputError(
+                    "Hallo weights need the portrait's face embedding: pass face_analysis_dir= (Hallo's "
+                    "pretrained_models/face_analysis, insightface models) or face_embedding= (512 numbers)"
+                )
+            embedding = hallo_inputs.hallo_face_embedding(portrait.image, folder)
+        masks = hallo_inputs.hallo_face_masks((size, size), hallo_inputs.hallo_face_landmarks(portrait.image), size)
+        if settings.audio_separator_model is not None:
+            model = Path(settings.audio_separator_model)
+            samples = hallo_inputs.separate_vocals(samples, SAMPLE_RATE, model.parent, model.name)
+        if self.audio_encoder is None or self.feature_extractor is None:
+            raise EMOInputError("this pipeline has no audio_encoder/feature_extractor: pass hallo_conditioning=")
+        self.audio_encoder.eval()
+        # Chunks (Hallo2: one per segment) computed as the clip loop reaches them: long audio is never held whole.
+        chunks, total, audio_length = hallo_inputs.iter_hallo_audio_features(
+            samples,
+            self.audio_encoder,
+            self.feature_extractor,
+            fps=int(settings.fps),
+            clip_length=settings.num_frames_per_clip,
+            segment_seconds=settings.audio_segment_seconds,
+        )
+        pixels = torch.from_numpy(np.asarray(portrait.image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+        return HalloConditioning(
+            source_image=pixels,
+            face_embedding=embedding,
+            face_region=masks.face_region,
+            region_masks=masks.region_masks,
+            audio_features=chunks,
+            audio_length=audio_length,
+            audio_frames=total,
+        )
+
+    @torch.no_grad()
+    def _generate_hallo(self, plan: _Plan, conditioning: HalloConditioning, settings: GenerationSettings) -> Iterator:
+        """The clip loop with Hallo's networks (`emo_pipeline.hallo.iter_hallo_clips`), the pipeline's outputs."""
+        from emo_pipeline.hallo import HalloModels
+
+        f = settings.num_frames_per_clip
+        callback, tensor_inputs = settings.callback_on_step_end, list(settings.callback_on_step_end_tensor_inputs)
+        self._interrupt = False
+        self._num_timesteps = None
+        models = HalloModels(self.reference_net, self.unet, self.identity_proj)
+
+        def clip_start(clip: int) -> None:
+            self.clip_index = clip
+            self._guidance_scale = settings.guidance_scale  # a callback's change lasts for its clip only
+
+        def step_end(step: int, timestep: torch.Tensor, latents: torch.Tensor) -> torch.Tensor | None:
+            self._num_timesteps = len(self.scheduler.timesteps)
+            progress.update()
+            if callback is None:
+                return None
+            returned = callback(self, step, timestep, {"latents": latents} if "latents" in tensor_inputs else {})
+            if not isinstance(returned, dict):
+                raise TypeError(f"callback_on_step_end must return a dict of tensors, got {type(returned).__name__}")
+            return returned.get("latents")
+
+        with self.progress_bar(total=plan.num_clips * settings.num_inference_steps) as progress:
+            clips = iter_hallo_clips(
+                models,
+                self.vae,
+                self.scheduler,
+                conditioning,
+                mode=settings.mode,
+                num_frames=f,
+                num_motion_frames=settings.num_motion_frames,
+                num_inference_steps=settings.num_inference_steps,
+                guidance_scale=lambda: self._guidance_scale,
+                motion_scale=tuple(settings.motion_scale),
+                generator=settings.generator,
+                motion_frame_mask_rate=settings.motion_frame_mask_rate,
+                eta=settings.eta,
+                on_clip_start=clip_start,
+                on_step=step_end,
+                interrupted=lambda: self._interrupt,
+            )
+            for clip_index, (latents, frames) in enumerate(clips):
+                keep = min(f, plan.num_frames - clip_index * f)
+                yield self._postprocess(
+                    latents,
+                    keep,
+                    settings.output_type,
+                    settings.watermark,
+                    settings.decode_chunk_size,
+                    settings.decoder,
+                    frames=frames,
+                )
+
     @torch.no_grad()
     def _generate(self, plan: _Plan, settings: GenerationSettings) -> Iterator:
         """The clip loop of `iter_clips` (settings already checked)."""
@@ -786,7 +1044,7 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             reference = self.unet.prepare_reference(reference)
         face_mask = torch.from_numpy(plan.portrait.mask)[None, None].to(device=device, dtype=dtype)
         self.audio_encoder.eval()
-        audio_windows = _AudioWindows(
+        audio_windows = FeatureWindows(
             iter_audio_features(plan.audio, self.audio_encoder, self.feature_extractor, settings.fps, plan.num_frames),
             plan.num_frames,
             self.audio_window,
@@ -874,10 +1132,13 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 if self.interrupt:  # as in diffusers: the interrupted clip is returned as it stands, then stop
                     return
 
-    def _postprocess(self, latents, keep, output_type, watermark, decode_chunk_size, decoder="vae"):
+    def _postprocess(self, latents, keep, output_type, watermark, decode_chunk_size, decoder="vae", frames=None):
+        """A clip's latents (or its already decoded `frames`, `(f, 3, H, W)` in [0, 1]) in the `output_type` form."""
         if output_type == "latent":
             return latents
-        frames = self.decode_latents(latents, decode_chunk_size, decoder)[:keep]  # (keep, 3, H, W) in [0, 1]
+        if frames is None:
+            frames = self.decode_latents(latents, decode_chunk_size, decoder)
+        frames = frames[:keep]  # (keep, 3, H, W) in [0, 1]
         if watermark:
             from emo_pipeline.watermark import embed_watermark
 

@@ -71,3 +71,23 @@ def test_compiled_models_match_eager_and_a_new_clip_does_not_recompile(models):
         with torch._dynamo.config.patch(error_on_recompile=seed == 1):
             got = compiled_backbone(*args, **kwargs)[0]
         assert (got - expected).abs().max() < 1e-4
+
+
+@torch.no_grad()
+def test_pipeline_compiles_the_vae_decoder_to_the_same_frames():
+    """`pipe.compile(components=("vae",))`: the decoder compiled whole (fullgraph) and decoding the same frames.
+
+    Dynamo's "eager" backend keeps this test fast (inductor's C++ build of the decoder takes minutes on 2 cores); it
+    traces the same graph. Inductor's speed and frame difference are in benchmarks/results/decode_sd15_128.json."""
+    from emo_pipeline import EMOInputError
+    from emo_pipeline.testing import tiny_emo_pipeline
+
+    pipe = tiny_emo_pipeline()
+    latents = torch.randn(1, 4, 2, H, H, generator=torch.Generator().manual_seed(0))
+    expected = pipe.decode_latents(latents, decode_chunk_size=2)
+    torch._dynamo.reset()
+    pipe.compile(components=("vae",), backend="eager")
+    assert pipe.vae.decoder._compiled_call_impl is not None and pipe.unet._compiled_call_impl is None
+    assert (pipe.decode_latents(latents, decode_chunk_size=2) - expected).abs().max() < 1e-4
+    with pytest.raises(EMOInputError, match="unknown components"):
+        pipe.compile(components=("text_encoder",))

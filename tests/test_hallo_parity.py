@@ -332,3 +332,36 @@ def test_audio_windows_are_hallos_process_audio_emb(golden: dict) -> None:
     conditioning = golden_conditioning(inputs, golden["meta"]["audio_length"])
     total = inputs["audio_emb"].shape[0]
     assert torch.equal(conditioning.audio_windows(0, total, 5), inputs["audio_emb_windowed"])
+
+
+def test_fast_mode_reference_pieces_equal_hallos_bank_on_any_processor(
+    models: HalloModels, golden: dict, conditioning: dict
+) -> None:
+    """The source image and the motion frames through the ReferenceNet apart (fast mode), the copies tiled over the
+    frames instead of materialised per frame, the keys/values projected once with the unconditional rows masked:
+    the same step as Hallo's unrounded bank. Also through a processor that gets tokens instead of keys/values."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    outputs, inputs = golden["outputs"], golden["inputs"]
+    ref_latents, id_tokens = outputs["ref_latents_clip0"], conditioning["id_tokens"]
+    models.bank_dtype = None
+    try:
+        bank = models.encode_reference(ref_latents, id_tokens)
+    finally:
+        models.bank_dtype = torch.float16
+    source = models.encode_source(ref_latents[:1], id_tokens, num_motion_frames=2)
+    pieces = type(bank)(spatial=source.spatial, temporal=models.encode_motion(ref_latents[1:], id_tokens), tiled=True)
+    cached = models.backbone.prepare_reference(pieces)
+    assert cached.tiled and cached.key_value
+    audio = models.audio_tokens(inputs["audio_emb_windowed"][:FRAMES][None])
+    args = (inputs["init_latents_clip0"], outputs["timesteps"][0])
+    kwargs = {"id_tokens": id_tokens, "audio_tokens": audio, "face_features": conditioning["face"]}
+    kwargs["region_masks"] = conditioning["masks"]
+    expected = models.denoise(*args, bank, **kwargs)
+    torch.testing.assert_close(models.denoise(*args, cached, **kwargs), expected, atol=2e-5, rtol=0)
+    processors = models.backbone.attn_processors
+    models.backbone.set_attn_processor(AttnProcessor())
+    try:
+        torch.testing.assert_close(models.denoise(*args, pieces, **kwargs), expected, atol=2e-5, rtol=0)
+    finally:
+        models.backbone.set_attn_processor(processors)

@@ -20,10 +20,10 @@ import torch
 from pipeline_settings import FACE_BOX, FPS, IMAGE, F, N, settings, speech
 
 from emo_pipeline import EMOInputError, EMOPipeline
-from emo_pipeline.audio import iter_audio_features, num_video_frames, window_audio_features
+from emo_pipeline.audio import FeatureWindows, iter_audio_features, num_video_frames, window_audio_features
 from emo_pipeline.face import prepare_portrait
 from emo_pipeline.models.attention import ReferenceFeatures
-from emo_pipeline.pipeline_emo import SCHEDULERS, GenerationSettings, _AudioWindows
+from emo_pipeline.pipeline_emo import SCHEDULERS, GenerationSettings
 from emo_pipeline.testing import demo_assets, randomize_zero_initialized_layers, tiny_emo_pipeline
 
 
@@ -201,7 +201,7 @@ def test_missing_face_says_how_to_pass_one(pipe):
 def test_streamed_audio_windows_equal_windowing_the_whole_track():
     features = torch.randn(23, 2, 3)
     chunks = iter(features.split([5, 1, 9, 8]))
-    windows = _AudioWindows(chunks, num_frames=23, m=2)
+    windows = FeatureWindows(chunks, num_frames=23, m=2)
     expected = window_audio_features(features, 2)
     for start in range(0, 23, 4):  # clips of 4, the last one padded past the end
         got = windows.window(start, start + 4)

@@ -162,3 +162,9 @@ class StepProgress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def clip_lengths(frames_per_clip: int | None, motion_frames: int | None) -> dict:
+    """The clip-length arguments a user set (None: the model's own default, 12/4 for EMO, 16/2 for Hallo)."""
+    lengths = {"num_frames_per_clip": frames_per_clip, "num_motion_frames": motion_frames}
+    return {name: value for name, value in lengths.items() if value is not None}

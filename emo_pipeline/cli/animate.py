@@ -90,17 +90,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--speed", type=float, help="head rotation speed in rad/s, e.g. 0.3 (default: none, no speed conditioning)"
     )
     gen.add_argument(
-        "--frames-per-clip", type=int, default=12, help="frames generated together per clip (default: 12)"
+        "--frames-per-clip",
+        type=int,
+        help="frames denoised together per clip (default: the model's: EMO 12, Hallo 16)",
     )
     gen.add_argument(
         "--motion-frames",
         type=int,
-        default=4,
-        help="frames of the previous clip each clip continues from (default: 4)",
+        help="frames of the previous clip each clip continues from (default: the model's; EMO 4, Hallo 2)",
     )
     gen.add_argument("--face-box", type=_box, help="x0,y0,x1,y1 of the face in the image in pixels (skips detection)")
     gen.add_argument(
         "--face-index", type=int, help="which detected face to animate, 0 = largest (default: the largest)"
+    )
+    hallo = parser.add_argument_group("Hallo / Hallo2 models (converted with emo-convert --hallo)")
+    hallo.add_argument(
+        "--mode", choices=("fast", "parity"), help="fast (default) or parity: Hallo's own loop exactly, slower"
+    )
+    hallo.add_argument(
+        "--face-embedding",
+        metavar="NPY",
+        help="the portrait's 512-d insightface embedding as a .npy file (default: computed with the insightface "
+        "models recorded at conversion; needs pip install 'emo-pipeline[hallo]')",
     )
     out = parser.add_argument_group("output file")
     out.add_argument("--crf", type=int, default=18, help="H.264 quality, lower is better (default: 18, ~lossless)")
@@ -127,6 +138,23 @@ def _defaults(args: argparse.Namespace) -> dict:
         "face_index": args.face_index,
         "crf": args.crf,
     }
+
+
+def _hallo_options(args: argparse.Namespace) -> dict:
+    """--mode / --face-embedding as pipeline arguments (only when given: EMO models refuse them)."""
+    options = {}
+    if args.mode is not None:
+        options["mode"] = args.mode
+    if args.face_embedding is not None:
+        import numpy as np
+
+        try:
+            options["face_embedding"] = np.load(args.face_embedding)
+        except (OSError, ValueError) as error:
+            raise EMOInputError(
+                f"--face-embedding {args.face_embedding}: not a readable .npy file ({error})"
+            ) from None
+    return options
 
 
 def _is_main_process() -> bool:
@@ -167,7 +195,7 @@ def _run_jobs(args: argparse.Namespace) -> int:
 
 
 def _run_one(args: argparse.Namespace) -> int:
-    from emo_pipeline.cli._common import StepProgress, demo_defaults, load_pipeline, preflight
+    from emo_pipeline.cli._common import StepProgress, clip_lengths, demo_defaults, load_pipeline, preflight
 
     demo = args.model is None
     defaults = demo_defaults(demo)
@@ -200,8 +228,6 @@ def _run_one(args: argparse.Namespace) -> int:
             height=size,
             width=size,
             fps=args.fps,
-            num_frames_per_clip=args.frames_per_clip,
-            num_motion_frames=args.motion_frames,
             num_inference_steps=steps,
             guidance_scale=args.guidance_scale,
             speed=args.speed,
@@ -211,6 +237,8 @@ def _run_one(args: argparse.Namespace) -> int:
             generator=torch.Generator().manual_seed(args.seed),
             max_audio_seconds=args.max_audio_seconds,
             callback_on_step_end=progress,
+            **clip_lengths(args.frames_per_clip, args.motion_frames),
+            **_hallo_options(args),
         )
     except EMOInputError as error:
         if progress is not None:

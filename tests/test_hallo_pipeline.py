@@ -1,0 +1,293 @@
+"""Hallo / Hallo2 weights through EMOPipeline: `emo-convert --hallo` on a release-layout folder, both sampling modes,
+the pipeline's outputs against the goldens made from Hallo's own code, and the errors on a bad folder.
+
+The release folder is built at tiny size from the committed goldens (tests/goldens/hallo: net.pth in the released
+layout, the tiny VAE and wav2vec2), laid out as Hallo's `pretrained_models/`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from emo_pipeline.cli.convert import main as convert
+from emo_pipeline.errors import EMOInputError
+from emo_pipeline.hallo import HALLO_LAYOUT, HalloConditioning
+from emo_pipeline.testing import demo_assets
+
+GOLDENS = Path(__file__).parent / "goldens"
+SIZE = 64
+
+
+def golden(variant: str) -> dict:
+    folder = GOLDENS / variant
+    return {
+        "meta": json.loads((folder / "metadata.json").read_text()),
+        "inputs": load_file(folder / "inputs.safetensors"),
+        "outputs": load_file(folder / "outputs.safetensors"),
+    }
+
+
+def golden_conditioning(inputs: dict, audio_length: int) -> HalloConditioning:
+    return HalloConditioning(
+        source_image=inputs["source_image"],
+        face_embedding=inputs["face_emb"],
+        face_region=inputs["face_region"][None],
+        region_masks={
+            level: tuple(inputs[f"{kind}_mask_{level}"] for kind in ("full", "face", "lip")) for level in range(4)
+        },
+        audio_features=inputs["audio_emb"],
+        audio_length=audio_length,
+    )
+
+
+def make_release_folder(root: Path, net_path: str = HALLO_LAYOUT["net"]) -> Path:
+    """Hallo's `pretrained_models/` at tiny size: net.pth, SD's UNet config, the VAE, wav2vec2, the motion module."""
+    hallo = GOLDENS / "hallo"
+    (root / net_path).parent.mkdir(parents=True)
+    shutil.copy(hallo / "net.pth", root / net_path)
+    (root / HALLO_LAYOUT["unet_config"]).parent.mkdir(parents=True)
+    shutil.copy(hallo / "unet" / "config.json", root / HALLO_LAYOUT["unet_config"])
+    shutil.copytree(hallo / "vae", root / HALLO_LAYOUT["vae"])
+    shutil.copytree(hallo / "wav2vec" / "model", root / HALLO_LAYOUT["wav2vec"])
+    # AnimateDiff's file holds the motion modules that net.pth overwrites (same keys without `denoising_unet.`)
+    state = torch.load(root / net_path, map_location="cpu", weights_only=True)
+    motion = {k.removeprefix("denoising_unet."): v for k, v in state.items() if ".motion_modules." in k}
+    (root / HALLO_LAYOUT["motion_module"]).parent.mkdir(parents=True)
+    torch.save(motion, root / HALLO_LAYOUT["motion_module"])
+    return root
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory) -> Path:
+    return make_release_folder(tmp_path_factory.mktemp("pretrained_models"))
+
+
+@pytest.fixture(scope="module")
+def converted(release: Path, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("converted") / "hallo-emo"
+    assert convert(["--hallo", str(release), "--output", str(output)]) == 0
+    return output
+
+
+@pytest.fixture(scope="module")
+def pipe(converted: Path):
+    from emo_pipeline import EMOPipeline
+
+    pipe = EMOPipeline.from_pretrained(converted)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run(pipe, conditioning: HalloConditioning, **kwargs):
+    options = {"num_inference_steps": 3, "height": SIZE, "width": SIZE, "output_type": "pt", "watermark": False}
+    options["generator"] = torch.Generator().manual_seed(42)
+    return pipe(None, None, hallo_conditioning=conditioning, **{**options, **kwargs}).frames
+
+
+def test_converted_folder_is_a_hallo_pipeline_with_hallos_defaults_and_card(converted: Path, pipe) -> None:
+    assert pipe.is_hallo and pipe.identity_proj is not None
+    metadata = json.loads((converted / "emo_metadata.json").read_text())
+    assert metadata["family"] == "hallo" and "fudan-generative-vision/hallo" in metadata["source"]
+    assert metadata["generation_defaults"]["num_frames_per_clip"] == 16
+    assert "all overwritten by net.pth" in metadata["converted_from"]["motion_module"]
+    card = (converted / "README.md").read_text()
+    assert "MIT" in card and "terms of use are the upstream project's" in card and "non-commercial" in card
+    assert "fudan-generative-vision/hallo" in card
+
+
+def test_parity_mode_reproduces_hallos_own_video(pipe) -> None:
+    """Free-running from Hallo's seed through the converted pipeline (f = 16, n = 2 from the pipeline's Hallo
+    defaults, not passed): both clips within twice Hallo's own float-noise floor (tests/goldens/hallo/README.md)."""
+    data = golden("hallo")
+    meta, outputs = data["meta"], data["outputs"]
+    frames = run(pipe, golden_conditioning(data["inputs"], meta["audio_length"]), mode="parity")
+    assert frames.shape == (meta["audio_length"], 3, SIZE, SIZE)
+    for clip in range(meta["num_clips"]):
+        expected = outputs[f"frames_clip{clip}"][0].permute(1, 0, 2, 3)
+        floor = meta["float_noise_floor"][f"frames_clip{clip}"]
+        torch.testing.assert_close(frames[clip * 16 : (clip + 1) * 16], expected, atol=2 * floor, rtol=0)
+
+
+def test_fast_mode_runs_the_reference_net_on_new_inputs_only_and_stays_near_parity(pipe) -> None:
+    """Fast: the portrait through the ReferenceNet once per video plus the motion frames once per clip (parity: the
+    whole bank per clip); clip 0 has the same motion frames in both modes, so it differs by float32-vs-float16 bank
+    rounding only. Clip 1's motion frames skip the VAE round trip (with this random tiny VAE the round trip is far
+    from the identity, so clip 1 differs much more than it would with SD's VAE)."""
+    data = golden("hallo")
+    conditioning = golden_conditioning(data["inputs"], data["meta"]["audio_length"])
+    batches = []
+    hook = pipe.reference_net.register_forward_hook(lambda module, args, output: batches.append(args[0].shape[:2]))
+    try:
+        parity = run(pipe, conditioning, mode="parity")
+        parity_calls, batches[:] = list(batches), []
+        fast = run(pipe, conditioning, mode="fast")
+    finally:
+        hook.remove()
+    assert parity_calls == [(2, 3), (2, 3)]  # [source, 2 motion frames] x 2 guidance copies, every clip
+    assert batches == [(2, 1), (2, 2), (2, 2)]  # the source once, then each clip's 2 motion frames
+    first = (fast[:16] - parity[:16]).abs().max().item()
+    assert first < 5e-3, first  # seen 1.7e-3
+    assert torch.isfinite(fast).all() and (fast[16:] - parity[16:]).abs().mean() < 0.1
+
+
+def test_hallo2_converted_with_net_option_reproduces_hallo2s_masked_long_video_loop(release: Path, tmp_path) -> None:
+    """`--net hallo2/net.pth` (the same networks) and Hallo2's motion-frame masking in parity mode."""
+    from emo_pipeline import EMOPipeline
+
+    root = tmp_path / "pretrained_models"
+    shutil.copytree(release, root)
+    (root / "hallo2").mkdir()
+    (root / HALLO_LAYOUT["net"]).rename(root / "hallo2" / "net.pth")
+    assert convert(["--hallo", str(root), "--net", "hallo2/net.pth", "--output", str(tmp_path / "out")]) == 0
+    pipe = EMOPipeline.from_pretrained(tmp_path / "out")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.emo_metadata["family"] == "hallo2"
+    data = golden("hallo2")
+    meta = data["meta"]
+    conditioning = golden_conditioning(data["inputs"], meta["audio_length"])
+    frames = run(pipe, conditioning, mode="parity", motion_frame_mask_rate=0.25)
+    for clip in range(meta["num_clips"]):
+        expected = data["outputs"][f"frames_clip{clip}"][0].permute(1, 0, 2, 3)
+        floor = meta["float_noise_floor"][f"frames_clip{clip}"]
+        torch.testing.assert_close(frames[clip * 16 : (clip + 1) * 16], expected, atol=2 * floor, rtol=0)
+
+
+def test_callbacks_see_the_latents_and_can_interrupt(pipe) -> None:
+    data = golden("hallo")
+    conditioning = golden_conditioning(data["inputs"], data["meta"]["audio_length"])
+    seen = []
+
+    def stop_after_first_step(p, step, timestep, tensors):
+        seen.append((p.clip_index, step, tuple(tensors["latents"].shape)))
+        p._interrupt = True
+        return {}
+
+    frames = run(pipe, conditioning, callback_on_step_end=stop_after_first_step)
+    assert seen == [(0, 0, (1, 4, 16, 8, 8))]
+    assert frames.shape[0] == 16  # the clip in progress is returned as it stands, then generation stops
+
+    def zero_latents(p, step, timestep, tensors):
+        return {"latents": torch.zeros_like(tensors["latents"])} if step == p.num_timesteps - 1 else {}
+
+    zeroed = run(pipe, conditioning, callback_on_step_end=zero_latents, num_inference_steps=1, output_type="latent")
+    assert torch.equal(zeroed, torch.zeros_like(zeroed))
+
+
+def test_settings_of_the_other_family_are_refused(pipe) -> None:
+    data = golden("hallo")
+    conditioning = golden_conditioning(data["inputs"], data["meta"]["audio_length"])
+    with pytest.raises(EMOInputError, match="not available with Hallo weights"):
+        run(pipe, conditioning, speed=0.3)
+    with pytest.raises(EMOInputError, match="use it with mode='parity'"):
+        run(pipe, conditioning, mode="fast", motion_frame_mask_rate=0.25)
+    with pytest.raises(EMOInputError, match="decoder='vae'"):
+        run(pipe, conditioning, mode="parity", decoder="tiny")
+    with pytest.raises(EMOInputError, match="mode must be one of"):
+        run(pipe, conditioning, mode="exact")
+    with pytest.raises(EMOInputError, match="fps must be a whole number"):
+        run(pipe, conditioning, fps=29.97)
+    with pytest.raises(EMOInputError, match="height/width"):
+        run(pipe, conditioning, height=128, width=128)
+    portrait, _ = demo_assets()
+    with pytest.raises(EMOInputError, match="face_analysis_dir= .* or face_embedding="):
+        pipe(portrait, np.zeros(16000, dtype=np.float32), height=SIZE, width=SIZE, face_analysis_dir=None)
+
+
+def test_hallo_settings_on_emo_weights_are_refused() -> None:
+    from emo_pipeline.testing import tiny_emo_pipeline
+
+    with pytest.raises(EMOInputError, match=r"\['mode', 'motion_scale'\] apply to Hallo"):
+        tiny_emo_pipeline()("portrait.png", np.zeros(16000, dtype=np.float32), mode="parity", motion_scale=(1, 2, 1))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("no_vae", "sd-vae-ft-mse is missing"),
+        ("truncated_net", "cannot read Hallo checkpoint"),
+        ("foreign_motion_module", "not in net.pth"),
+    ],
+)
+def test_a_bad_release_folder_exits_2_naming_the_file_and_writes_nothing(
+    release: Path, tmp_path, capsys, damage: str, message: str
+) -> None:
+    root = tmp_path / "pretrained_models"
+    shutil.copytree(release, root)
+    if damage == "no_vae":
+        shutil.rmtree(root / HALLO_LAYOUT["vae"])
+    elif damage == "truncated_net":
+        net = root / HALLO_LAYOUT["net"]
+        net.write_bytes(net.read_bytes()[: net.stat().st_size // 2])
+    else:
+        motion = torch.load(root / HALLO_LAYOUT["motion_module"], weights_only=True)
+        motion["down_blocks.0.motion_modules.0.extra.weight"] = torch.zeros(1)
+        torch.save(motion, root / HALLO_LAYOUT["motion_module"])
+    output = tmp_path / "out"
+    assert convert(["--hallo", str(root), "--output", str(output)]) == 2
+    assert message in capsys.readouterr().err
+    assert not output.exists() and not list(tmp_path.glob("out.partial-*"))
+
+
+def test_hallo_and_sd15_sources_are_exclusive(tmp_path, capsys) -> None:
+    assert convert(["--hallo", str(tmp_path), "--sd15", "x", "--output", str(tmp_path / "o")]) == 2
+    assert "either --hallo DIR, or both --sd15 and --wav2vec2" in capsys.readouterr().err
+
+
+def test_a_portrait_and_a_track_go_through_hallos_front_end_into_an_mp4(pipe, converted: Path, tmp_path) -> None:
+    """The whole path with the converted folder: face crop, landmarks -> Hallo's masks, wav2vec2 interpolated before
+    its transformer, both modes, streamed to an mp4 (the insightface embedding passed, no models offline)."""
+    import av
+
+    from emo_pipeline.cli.animate import main as animate
+
+    portrait, speech = demo_assets()
+    embedding = np.random.default_rng(0).standard_normal(512).astype(np.float32)
+    settings = {"height": SIZE, "width": SIZE, "num_inference_steps": 1, "face_embedding": embedding}
+    path = pipe.write_video(tmp_path / "fast.mp4", portrait, speech, **settings)
+    plan = pipe.last_plan
+    assert plan.num_frames == 85 and plan.num_clips == 6  # ceil(3.37 s * 25); 16 frames per clip (Hallo's default)
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].frames == 85 and container.streams.audio
+    np.save(tmp_path / "embedding.npy", embedding)
+    output = tmp_path / "parity.mp4"
+    code = animate(
+        ["--model", str(converted), "--image", str(portrait), "--audio", str(speech), "--output", str(output)]
+        + [
+            "--height",
+            str(SIZE),
+            "--steps",
+            "1",
+            "--mode",
+            "parity",
+            "--face-embedding",
+            str(tmp_path / "embedding.npy"),
+        ]
+        + ["--no-progress"]
+    )
+    assert code == 0 and output.is_file()
+    missing = tmp_path / "missing.mp4"
+    code = animate(
+        ["--model", str(converted), "--image", str(portrait), "--audio", str(speech), "--output", str(missing)]
+        + ["--height", str(SIZE), "--steps", "1", "--no-progress"]
+    )
+    assert code == 2 and not missing.exists()  # no face embedding and no insightface models: exit 2, no file
+
+
+def test_audio_features_in_chunks_give_the_same_video_and_serve_one_generation(pipe) -> None:
+    """Long audio: the features may come as chunks (Hallo2's segments) consumed as the clips need them."""
+    data = golden("hallo")
+    whole = golden_conditioning(data["inputs"], data["meta"]["audio_length"])
+    features = whole.audio_features
+    chunked = golden_conditioning(data["inputs"], data["meta"]["audio_length"])
+    chunked.audio_features, chunked.audio_frames = iter(features.split([10, 13, 9])), features.shape[0]
+    expected = run(pipe, whole, num_inference_steps=1)
+    assert torch.equal(run(pipe, chunked, num_inference_steps=1), expected)
+    with pytest.raises(EMOInputError, match="consumed by an earlier generation"):
+        run(pipe, chunked, num_inference_steps=1)
