@@ -697,6 +697,8 @@ def main() -> int:
     def record(run: dict) -> None:
         result["runs"].append(run)
         print(json.dumps(run), flush=True)
+        if run["phase"] != "warmup":  # a stopped run keeps what it measured
+            write({**result, "summary": summarise(result["runs"])}, args.output)
 
     prefix = "ours" if api == "pipeline" else "hallo_generate"
     sides = [("hallo", lambda c, s: run_hallo(hallo, inputs, args, c, s))]
@@ -720,7 +722,6 @@ def main() -> int:
                 reference = video
                 hallo_frames = video if hallo_frames is None else hallo_frames
             record({**run, "phase": "timed", "repeat": repeat, **diff(video, reference, args.frames_per_clip)})
-        write({**result, "summary": summarise(result["runs"])}, args.output)
     if args.hallo_floor:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
