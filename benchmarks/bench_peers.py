@@ -478,8 +478,45 @@ def to_channels_frames(video: torch.Tensor) -> torch.Tensor:
     return video.permute(1, 0, 2, 3)
 
 
+SECONDS_IN: dict[str, float] = {}  # time inside each network during the current run (install_timers)
+
+
+def install_timers(hallo: dict, models) -> None:
+    """Accumulate the time spent in the backbones, the ReferenceNets and the (shared) VAE's encode / decode."""
+
+    def timed_module(module: torch.nn.Module, name: str) -> None:
+        starts = []
+        module.register_forward_pre_hook(lambda *_: starts.append(time.perf_counter()))
+
+        def done(*_):
+            SECONDS_IN[name] = SECONDS_IN.get(name, 0.0) + time.perf_counter() - starts.pop()
+
+        module.register_forward_hook(done)
+
+    for module, name in (
+        (hallo["net"].denoising_unet, "backbone"),
+        (hallo["net"].reference_unet, "reference_net"),
+        (models.backbone, "backbone"),
+        (models.reference_net, "reference_net"),
+    ):
+        timed_module(module, name)
+    vae = hallo["vae"]
+    for method in ("encode", "decode"):
+        original = getattr(vae, method)
+
+        def timed(*a, _original=original, _name=f"vae_{method}", **k):
+            start = time.perf_counter()
+            try:
+                return _original(*a, **k)
+            finally:
+                SECONDS_IN[_name] = SECONDS_IN.get(_name, 0.0) + time.perf_counter() - start
+
+        setattr(vae, method, timed)
+
+
 def measured(label: str, fn, output_frames: int) -> tuple[dict, torch.Tensor | None]:
     """Time and memory of `fn()`, which returns the video (3, T, H, W) or, streaming, the number of frames."""
+    SECONDS_IN.clear()
     load_before = os.getloadavg()
     with LoopMemory() as memory, torch.no_grad():
         start = time.perf_counter()
@@ -490,6 +527,7 @@ def measured(label: str, fn, output_frames: int) -> tuple[dict, torch.Tensor | N
         "output_frames": output_frames,
         "seconds_total": round(seconds, 2),
         "seconds_per_output_frame": round(seconds / output_frames, 4),
+        "seconds_in": {k: round(v, 2) for k, v in sorted(SECONDS_IN.items())},
         **memory.report(),
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
@@ -680,6 +718,7 @@ def main() -> int:
     if api == "pipeline":
         ours["pipeline"] = emo_hallo.build_hallo_pipeline(models, hallo["vae"])
         ours["pipeline"].set_progress_bar_config(disable=True)
+    install_timers(hallo, models)
     weights_before = fingerprint(hallo["net"])
 
     frames = args.clips * args.frames_per_clip
