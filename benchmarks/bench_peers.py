@@ -428,14 +428,14 @@ def run_ours(
         "guidance_scale": args.guidance_scale,
         "generator": torch.manual_seed(SEED),
     }
-    if api == "iter_hallo_clips":  # streaming: each clip decoded (fast: in chunks of 8, as the pipeline) and dropped
+    if api == "iter_hallo_clips":  # streaming: each clip decoded (fast: in chunks, as the pipeline) and dropped
         count, vae = 0, hallo["vae"]
         for latents, clip in emo_hallo.iter_hallo_clips(
             ours["models"], vae, emo_hallo.hallo_scheduler(), conditioning, **options
         ):
             if clip is None:
                 scaled = latents[0].permute(1, 0, 2, 3) / emo_hallo.HALLO_VAE_SCALE
-                clip = torch.cat([vae.decode(chunk).sample for chunk in scaled.split(8)])
+                clip = torch.cat([vae.decode(chunk).sample for chunk in scaled.split(args.decode_chunk_size)])
             count += len(clip)
         return count
     if api == "hallo_generate":
@@ -457,6 +457,7 @@ def run_ours(
         "generator": torch.manual_seed(SEED),
         "output_type": "pt",
         "watermark": False,
+        "decode_chunk_size": args.decode_chunk_size,
         "height": args.size,
         "width": args.size,
     }
@@ -655,6 +656,9 @@ def main() -> int:
         nargs="*",
         default=[1.28, 2.56],
         help="memory sweep: audio lengths (rounded up to whole clips; default 2 and 4 clips); none: no sweep",
+    )
+    parser.add_argument(
+        "--decode-chunk-size", type=int, default=8, help="ours: frames per VAE decode call (the pipeline's default 8)"
     )
     parser.add_argument("--sweep-steps", type=int, default=1)
     parser.add_argument("--sweep-modes", default="fast", help="our modes in the memory sweep (default: fast)")
