@@ -550,11 +550,10 @@ def diff(video: torch.Tensor, reference: torch.Tensor, frames_per_clip: int) -> 
     }
 
 
-def summarise(runs: list[dict]) -> dict:
+def _summarise_timed(timed: list[dict]) -> dict:
     def mean(values):
         return round(sum(values) / len(values), 4) if values else None
 
-    timed = [r for r in runs if r["phase"] == "timed"]
     summary = {}
     for side in dict.fromkeys(r["side"] for r in timed):
         mine = [r for r in timed if r["side"] == side]
@@ -572,9 +571,24 @@ def summarise(runs: list[dict]) -> dict:
                 summary[side]["seconds_per_output_frame_min"] / summary["hallo"]["seconds_per_output_frame_min"], 3
             )
             summary[side]["max_abs_diff_to_hallo"] = max(r["max_abs_diff"] for r in mine)
+            if "vs_float32_same_mode" in mine[0]:  # bf16 rounds: the precision's own error
+                summary[side]["max_abs_diff_to_float32_same_mode"] = max(
+                    r["vs_float32_same_mode"]["max_abs_diff"] for r in mine
+                )
+                summary[side]["mean_abs_diff_to_float32_same_mode"] = max(
+                    r["vs_float32_same_mode"]["mean_abs_diff"] for r in mine
+                )
             summary[side]["max_abs_diff_to_hallo_per_clip"] = [
                 max(values) for values in zip(*(r["max_abs_diff_per_clip"] for r in mine))
             ]
+    return summary
+
+
+def summarise(runs: list[dict]) -> dict:
+    summary = _summarise_timed([r for r in runs if r["phase"] == "timed"])
+    half = [r for r in runs if r["phase"] == "timed_bf16"]
+    if half:  # our bfloat16 modes against Hallo's float32 loop, rounds of their own
+        summary["bf16_rounds"] = _summarise_timed(half)
     floor = [r for r in runs if r["phase"] == "hallo_floor"]
     if floor:
         summary["hallo_vs_itself_1_thread"] = {
@@ -593,7 +607,10 @@ def summarise(runs: list[dict]) -> dict:
 def print_table(result: dict) -> None:
     summary = result["summary"]
     print(f"\n{'side':<28} {'s/frame':>9} {'x Hallo':>8} {'min x Hallo':>12} {'loop peak MB':>13} {'max |diff|':>11}")
-    for side, row in summary.items():
+    rows = list(summary.items()) + [
+        (f"{side} (bf16 rounds)", row) for side, row in summary.get("bf16_rounds", {}).items()
+    ]
+    for side, row in rows:
         if "seconds_per_output_frame" not in row:
             continue
         print(
@@ -659,6 +676,13 @@ def main() -> int:
     )
     parser.add_argument(
         "--decode-chunk-size", type=int, default=8, help="ours: frames per VAE decode call (the pipeline's default 8)"
+    )
+    parser.add_argument(
+        "--bf16-modes",
+        default="",
+        help="at the end: our modes again in bfloat16 (our models and a copy of the VAE: pipe.to(torch.bfloat16)), "
+        "a '+vaecompile' suffix also compiling the VAE decoder (pipe.compile(components=('vae',))), alternated with "
+        "Hallo's fp32 loop for --repeats rounds, e.g. fast,fast+vaecompile",
     )
     parser.add_argument("--sweep-steps", type=int, default=1)
     parser.add_argument("--sweep-modes", default="fast", help="our modes in the memory sweep (default: fast)")
@@ -770,11 +794,12 @@ def main() -> int:
     for label, fn in sides:  # warm-up: one clip, one step
         run, _ = measured(label, lambda fn=fn: fn(1, 1), args.frames_per_clip)
         record({**run, "phase": "warmup"})
-    hallo_frames = None
+    hallo_frames, fp32_frames = None, {}
     for repeat in range(args.repeats):
         reference = None
         for label, fn in sides:
             run, video = measured(label, lambda fn=fn: fn(args.clips, args.steps), frames)
+            fp32_frames[label] = video
             if reference is None:
                 reference = video
                 hallo_frames = video if hallo_frames is None else hallo_frames
@@ -789,6 +814,44 @@ def main() -> int:
         for label, fn in sweep_sides:
             run, _ = measured(label, lambda fn=fn, c=clips: fn(c, args.sweep_steps), clips * args.frames_per_clip)
             record({**run, "phase": "sweep", "audio_seconds": seconds, "clips": clips, "steps": args.sweep_steps})
+    half_modes = [m for m in args.bf16_modes.split(",") if m]
+    if half_modes and api == "pipeline":
+        # Our networks to bfloat16: `.to` gives our modules new tensors, Hallo's modules keep the shared float32 ones.
+        # The VAE module itself is shared, so ours gets its own bfloat16 copy (one more per compiled variant).
+        import copy
+
+        for model in (models.reference_net, models.backbone, models.identity_proj):
+            model.to(torch.bfloat16)
+        half_sides = [("hallo", lambda c, s: run_hallo(hallo, inputs, args, c, s))]
+        half_bases = {}  # our bf16 side -> the float32 side of the same mode (its frames: the precision error)
+        for m in half_modes:
+            base, *extra = m.split("+")
+            if base not in ("parity", "fast") or set(extra) - {"vaecompile"}:
+                raise SystemExit(f"--bf16-modes: {m!r} is not parity|fast[+vaecompile]")
+            vae = copy.deepcopy(hallo["vae"]).to(torch.bfloat16)
+            for method in ("encode", "decode"):  # the copied timers would call the shared float32 VAE
+                vars(vae).pop(method, None)
+            pipe = emo_hallo.build_hallo_pipeline(models, vae)
+            pipe.set_progress_bar_config(disable=True)
+            if extra:
+                pipe.compile(components=("vae",))
+            side = {"models": models, "pipeline": pipe}
+            half_sides.append(
+                (f"ours-{m}+bf16", lambda c, s, b=base, o=side: run_ours(b, api, o, hallo, inputs, args, c, s))
+            )
+            half_bases[f"ours-{m}+bf16"] = f"ours-{base}"
+        for label, fn in half_sides[1:]:  # warm-up (compiles the decoder): one clip, one step
+            run, _ = measured(label, lambda fn=fn: fn(1, 1), args.frames_per_clip)
+            record({**run, "phase": "warmup"})
+        for repeat in range(args.repeats):
+            reference = None
+            for label, fn in half_sides:
+                run, video = measured(label, lambda fn=fn: fn(args.clips, args.steps), frames)
+                reference = video if reference is None else reference
+                run.update(diff(video, reference, args.frames_per_clip))
+                if fp32_frames.get(half_bases.get(label)) is not None:
+                    run["vs_float32_same_mode"] = diff(video, fp32_frames[half_bases[label]], args.frames_per_clip)
+                record({**run, "phase": "timed_bf16", "repeat": repeat})
     result["weights_unchanged"] = fingerprint(hallo["net"]) == weights_before
     result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     result["summary"] = summarise(result["runs"])
