@@ -512,14 +512,10 @@ def _hallo_track_features(
 
     input_values = np.squeeze(feature_extractor(samples, sampling_rate=sample_rate).input_values)
     input_values = np.asarray(input_values, dtype=np.float32).reshape(-1)
-    seq_len = math.ceil(len(input_values) / sample_rate * fps)
-    audio_length = seq_len
+    seq_len, audio_length = _segment_frames(len(input_values), fps, clip_length, sample_rate, pad, processed_length)
     values = torch.from_numpy(input_values).float()
-    if pad and clip_length > 0 and seq_len % clip_length != 0:
-        total = seq_len + processed_length
-        extra_frames = clip_length - total % clip_length
-        values = F.pad(values, (0, extra_frames * (sample_rate // fps)), "constant", 0.0)
-        seq_len += extra_frames
+    if seq_len > audio_length:  # Hallo pads the normalised samples by sample_rate // fps per missing frame
+        values = F.pad(values, (0, (seq_len - audio_length) * (sample_rate // fps)), "constant", 0.0)
     return _encode_track(values.numpy(), seq_len, audio_encoder), audio_length
 
 
@@ -587,7 +583,7 @@ def hallo_audio_features(
     """
     import torch
 
-    chunks, total, audio_length = iter_hallo_audio_features(
+    chunks, _, audio_length = iter_hallo_audio_features(
         samples,
         audio_encoder,
         feature_extractor,
@@ -596,13 +592,12 @@ def hallo_audio_features(
         sample_rate=sample_rate,
         segment_seconds=segment_seconds,
     )
-    features = torch.cat(list(chunks))
-    assert features.shape[0] == total, (features.shape, total)  # the frame arithmetic below is Hallo's
-    return features, audio_length
+    return torch.cat(list(chunks)), audio_length
 
 
 def _segment_frames(num_samples: int, fps: int, clip_length: int, sample_rate: int, pad: bool, processed: int):
-    """`(frames with padding, audio frames)` of one track or segment, as `_hallo_track_features` computes them."""
+    """`(frames with padding, audio frames)` of one track or segment (Hallo's `preprocess`; Hallo2's pads only the
+    last segment, by what completes whole clips over all `processed` frames, testing the segment's own length)."""
     seq_len = math.ceil(num_samples / sample_rate * fps)
     padded = seq_len
     if pad and clip_length > 0 and seq_len % clip_length != 0:
