@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DDIMScheduler
+from hallo_goldens import golden_conditioning
 from safetensors.torch import load_file
 
 from emo_pipeline.errors import EMOInputError
 from emo_pipeline.hallo import (
     HALLO_PREFIXES,
-    HalloConditioning,
     HalloModels,
     convert_hallo_state_dict,
     load_hallo_models,
@@ -312,20 +312,6 @@ def test_hallo_generate_reproduces_the_golden_video(models: HalloModels, variant
         frames = video[:, :, clip * FRAMES : (clip + 1) * FRAMES]
         floor = meta["float_noise_floor"][f"frames_clip{clip}"]
         torch.testing.assert_close(frames, outputs[f"frames_clip{clip}"], atol=2 * floor, rtol=0)
-
-
-def golden_conditioning(inputs: dict, audio_length: int) -> HalloConditioning:
-    """The goldens' preprocessed inputs as the pipeline's `hallo_conditioning`."""
-    return HalloConditioning(
-        source_image=inputs["source_image"],
-        face_embedding=inputs["face_emb"],
-        face_region=inputs["face_region"][None],
-        region_masks={
-            level: tuple(inputs[f"{kind}_mask_{level}"] for kind in ("full", "face", "lip")) for level in range(4)
-        },
-        audio_features=inputs["audio_emb"],
-        audio_length=audio_length,
-    )
 
 
 def test_audio_windows_are_hallos_process_audio_emb(golden: dict) -> None:

@@ -14,37 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from hallo_goldens import GOLDENS, golden, golden_conditioning
 
 from emo_pipeline.cli.convert import main as convert
 from emo_pipeline.errors import EMOInputError
 from emo_pipeline.hallo import HALLO_LAYOUT, HalloConditioning
 from emo_pipeline.testing import demo_assets
 
-GOLDENS = Path(__file__).parent / "goldens"
 SIZE = 64
-
-
-def golden(variant: str) -> dict:
-    folder = GOLDENS / variant
-    return {
-        "meta": json.loads((folder / "metadata.json").read_text()),
-        "inputs": load_file(folder / "inputs.safetensors"),
-        "outputs": load_file(folder / "outputs.safetensors"),
-    }
-
-
-def golden_conditioning(inputs: dict, audio_length: int) -> HalloConditioning:
-    return HalloConditioning(
-        source_image=inputs["source_image"],
-        face_embedding=inputs["face_emb"],
-        face_region=inputs["face_region"][None],
-        region_masks={
-            level: tuple(inputs[f"{kind}_mask_{level}"] for kind in ("full", "face", "lip")) for level in range(4)
-        },
-        audio_features=inputs["audio_emb"],
-        audio_length=audio_length,
-    )
 
 
 def make_release_folder(root: Path, net_path: str = HALLO_LAYOUT["net"]) -> Path:
