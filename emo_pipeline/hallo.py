@@ -235,7 +235,10 @@ class HalloModels:
         attn2 context `id_tokens[r % 2]` for row r (docs/hallo_architecture.md section 3). Returns the backbone's
         reference tokens (`spatial`, the source image's attn1 inputs, `(2, h_l*w_l, C)`) and motion-frame features
         (`temporal`, the motion frames' attn1 inputs of the block's spatial transformer, `(2, n, C, h_l, w_l)`),
-        rounded to `bank_dtype` as Hallo's bank is.
+        rounded to `bank_dtype` as Hallo's bank is. The two copies are `tiled` over the frames as Hallo's read mode
+        hands them out: mutual_self_attention.py:235-246 calls `.repeat(1, f, 1, 1)` on the 3-D bank `(2, L, C)`,
+        which tiles the copies over the `2f` rows (row i gets copy i % 2) instead of repeating each per frame, so
+        the cond branch's even frames see the copy the ReferenceNet ran with the uncond identity tokens.
         """
         frames = ref_latents.shape[0]
         latents = ref_latents[None].repeat(2, 1, 1, 1, 1)  # (2, 1 + n, 4, h, w)
@@ -246,7 +249,7 @@ class HalloModels:
             tokens = self._round(tokens.reshape(2, frames, -1, tokens.shape[-1]))  # (2, 1 + n, L, C)
             spatial[name] = tokens[:, 0]
             temporal.update(self._motion_features(name, tokens[:, 1:]))
-        return ReferenceFeatures(spatial=spatial, temporal=temporal)
+        return ReferenceFeatures(spatial=spatial, temporal=temporal, tiled=True)
 
     def _bank_context(self, id_tokens: torch.Tensor, num_motion_frames: int, images: range) -> torch.Tensor:
         """attn2 context of images `images` (0 = source, 1..n = motion frames) of both copies of Hallo's bank batch:
@@ -262,8 +265,7 @@ class HalloModels:
 
         The ReferenceNet treats every image of its batch independently, so running the source image apart from the
         motion frames (with the attn2 context `encode_reference` gives its rows) computes the same tokens.
-        Returns `spatial (2, h_l*w_l, C)` with `tiled=True` (the backbone tiles the copies over the frames as
-        Hallo's bank does, `per_frame_reference`).
+        Returns `spatial (2, h_l*w_l, C)` with `tiled=True` (as `encode_reference`).
         """
         latents = source_latents[None].repeat(2, 1, 1, 1, 1)  # (2, 1, 4, h, w)
         context = self._bank_context(id_tokens, num_motion_frames, range(1))
@@ -300,21 +302,43 @@ class HalloModels:
             raise EMOInputError(f"Hallo needs square latents; layer {name} has {tokens.shape[2]} tokens")
         return {temporal_name: tokens.reshape(2, num_motion, side, side, -1).permute(0, 1, 4, 2, 3)}
 
-    @staticmethod
-    def per_frame_reference(reference: ReferenceFeatures, frames: int) -> ReferenceFeatures:
-        """The reference tokens of the guidance batch as Hallo's read mode hands them to the frames.
-
-        mutual_self_attention.py:235-246 takes the bank's source rows `(2, L, C)` and calls `.repeat(1, f, 1, 1)`
-        on that 3-D tensor, which *tiles* the two copies over the `2f` rows instead of repeating each per frame:
-        row `i` of the `(2f)` batch (uncond frames first) gets copy `i % 2`. So the cond branch's even frames see the
-        copy the ReferenceNet ran with the uncond identity tokens (for an even f). Returns `spatial (2f, L, C)`.
-        """
-        rows = torch.arange(2 * frames) % 2
-        spatial = {name: tokens[rows.to(tokens.device)] for name, tokens in reference.spatial.items()}
-        return ReferenceFeatures(spatial=spatial, temporal=reference.temporal)
-
     def _round(self, tokens: torch.Tensor) -> torch.Tensor:
         return tokens if self.bank_dtype is None else tokens.to(self.bank_dtype).to(tokens.dtype)
+
+    def guidance_inputs(
+        self,
+        id_tokens: torch.Tensor,
+        audio_tokens: torch.Tensor,
+        face_features: torch.Tensor,
+        region_masks: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+        motion_scale: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    ) -> dict:
+        """The backbone's conditioning of the guidance batch `[uncond, cond]` for one clip (the same at every step):
+        the uncond branch gets zero audio tokens and face features, no reference tokens (`reference_rows`), the
+        same identity tokens' uncond row, motion frames and masks (Hallo's recipe).
+
+        `id_tokens (2, T, C)`; `audio_tokens (f, T, C)` and `face_features (1, C, h, w)` of the cond branch;
+        `region_masks {level: (full, face, lip)}`, each `(1, h_l*w_l)`.
+        """
+        frames = audio_tokens.shape[0]
+        return {
+            "audio_tokens": torch.cat([torch.zeros_like(audio_tokens), audio_tokens]),
+            "face_features": torch.cat([torch.zeros_like(face_features), face_features]),
+            "context_tokens": id_tokens.repeat_interleave(frames, dim=0),
+            "region_masks": region_masks,
+            "region_scales": tuple(motion_scale),
+            "reference_rows": torch.tensor([False, True], device=audio_tokens.device),
+        }
+
+    @torch.no_grad()
+    def step(self, latents: torch.Tensor, timestep: torch.Tensor | int, reference: ReferenceFeatures, inputs: dict):
+        """Both guidance branches of one step: `(2, 4, f, h, w)`, row 0 uncond, row 1 cond (v-prediction).
+
+        `latents (1, 4, f, h, w)`; `reference` from `encode_reference` (or `encode_source` + `encode_motion`, maybe
+        with keys/values from the backbone's `prepare_reference`); `inputs` from `guidance_inputs`.
+        """
+        sample = torch.cat([latents, latents])
+        return self.backbone(sample, timestep, reference_features=reference, return_dict=False, **inputs)[0]
 
     @torch.no_grad()
     def denoise(
@@ -328,29 +352,9 @@ class HalloModels:
         region_masks: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
         motion_scale: tuple[float, float, float] = (1.0, 1.0, 1.0),
     ) -> torch.Tensor:
-        """Both guidance branches of one step: `(2, 4, f, h, w)`, row 0 uncond, row 1 cond (v-prediction).
-
-        `latents (1, 4, f, h, w)`; `reference` from `encode_reference` (or `encode_source` + `encode_motion`, tiled,
-        maybe with keys/values from the backbone's `prepare_reference`); `audio_tokens (f, T, C)` and
-        `face_features (1, C, h, w)` of the cond branch (the uncond branch gets zeros); `region_masks {level: (full,
-        face, lip)}`, each `(1, h_l*w_l)`; the uncond branch gets no reference tokens but the same motion frames and
-        masks (Hallo's recipe).
-        """
-        frames = latents.shape[2]
-        sample = torch.cat([latents, latents])
-        output = self.backbone(
-            sample,
-            timestep,
-            reference_features=reference if reference.tiled else self.per_frame_reference(reference, frames),
-            audio_tokens=torch.cat([torch.zeros_like(audio_tokens), audio_tokens]),
-            face_features=torch.cat([torch.zeros_like(face_features), face_features]),
-            context_tokens=id_tokens.repeat_interleave(frames, dim=0),
-            region_masks=region_masks,
-            region_scales=tuple(motion_scale),
-            reference_rows=torch.tensor([False, True], device=latents.device),
-            return_dict=False,
-        )
-        return output[0]
+        """`step` with the clip's conditioning given directly (see `guidance_inputs`)."""
+        inputs = self.guidance_inputs(id_tokens, audio_tokens, face_features, region_masks, motion_scale)
+        return self.step(latents, timestep, reference, inputs)
 
 
 HALLO_VAE_SCALE = 0.18215  # Hallo hard-codes SD's factor (face_animate.py), not vae.config.scaling_factor
@@ -555,12 +559,12 @@ def iter_hallo_clips(
         latents = torch.randn((1, ref_latents.shape[1], f, height, width), generator=generator).to(device)
         latents = (latents * scheduler.init_noise_sigma).to(latent_dtype)
         windows = conditioning.audio_windows(start, start + f, window)[None].to(device=device, dtype=dtype)
-        audio = models.audio_tokens(windows)
+        inputs = models.guidance_inputs(id_tokens, models.audio_tokens(windows), face, region_masks, motion_scale)
         scheduler.set_timesteps(num_inference_steps, device=device)
         for step, t in enumerate(scheduler.timesteps):
             if interrupted is not None and interrupted():
                 break
-            eps = models.denoise(latents.to(dtype), t, reference, id_tokens, audio, face, region_masks, motion_scale)
+            eps = models.step(latents.to(dtype), t, reference, inputs)
             uncond, cond = eps.to(latent_dtype).chunk(2)
             scale = guidance_scale() if callable(guidance_scale) else guidance_scale
             guided = uncond + scale * (cond - uncond) if scale > 1 else cond
