@@ -863,7 +863,11 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if rate is not None and not (isinstance(rate, numbers.Real) and 0 <= rate < 1):
             raise EMOInputError(f"motion_frame_mask_rate must be in [0, 1) (Hallo2: 0.25), got {rate!r}")
         scale = settings.motion_scale
-        if len(scale) != 3 or not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in scale):
+        if (
+            not isinstance(scale, (tuple, list))
+            or len(scale) != 3
+            or not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in scale)
+        ):
             raise EMOInputError(f"motion_scale must be three finite numbers (full, face, lip), got {scale!r}")
         unknown = set(settings.callback_on_step_end_tensor_inputs) - {"latents"}
         if unknown:

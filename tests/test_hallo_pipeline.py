@@ -168,6 +168,8 @@ def test_settings_of_the_other_family_are_refused(pipe) -> None:
         run(pipe, conditioning, mode="parity", decoder="tiny")
     with pytest.raises(EMOInputError, match="mode must be one of"):
         run(pipe, conditioning, mode="exact")
+    with pytest.raises(EMOInputError, match="motion_scale must be three finite numbers"):
+        run(pipe, conditioning, motion_scale=1.0)
     with pytest.raises(EMOInputError, match="fps must be a whole number"):
         run(pipe, conditioning, fps=29.97)
     with pytest.raises(EMOInputError, match="height/width"):
