@@ -324,3 +324,33 @@ def test_bad_face_analysis_vocal_separation_and_sampler_inputs_exit_2_naming_the
             + ["--height", str(SIZE), "--steps", "1", "--no-progress", *options]
         )
         assert code == 2 and message in capsys.readouterr().err and not output.exists(), options
+
+
+def test_vocal_separation_is_opt_in_and_runs_at_the_tracks_own_rate(pipe, tmp_path, monkeypatch) -> None:
+    """Hallo separates the vocals of the file as it is (here 44.1 kHz), then resamples them to 16 kHz; without
+    `vocal_separation` nothing is separated."""
+    import wave
+
+    from emo_pipeline import hallo_inputs
+
+    rate, seconds = 44100, 0.5
+    samples = (np.random.default_rng(0).standard_normal(int(rate * seconds)) * 3000).astype(np.int16)
+    track = tmp_path / "speech.wav"
+    with wave.open(str(track), "wb") as file:
+        file.setnchannels(1), file.setsampwidth(2), file.setframerate(rate), file.writeframes(samples.tobytes())
+    model = tmp_path / "Kim_Vocal_2.onnx"
+    model.write_bytes(b"stand-in")
+    calls = []
+
+    def separate(audio, sample_rate, model_dir, model_name, *, output_sample_rate=None):
+        calls.append((len(audio), sample_rate, Path(model_dir) / model_name, output_sample_rate))
+        return np.zeros(int(seconds * output_sample_rate), dtype=np.float32)
+
+    monkeypatch.setattr(hallo_inputs, "separate_vocals", separate)
+    portrait, _ = demo_assets()
+    options = {"height": SIZE, "width": SIZE, "num_inference_steps": 1, "output_type": "latent", "watermark": False}
+    options["face_embedding"] = np.zeros(512, dtype=np.float32)
+    pipe(portrait, track, **options)
+    assert calls == []  # opt-in
+    pipe(portrait, track, vocal_separation=model, **options)
+    assert calls == [(int(rate * seconds), rate, model, 16000)]
