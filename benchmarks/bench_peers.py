@@ -38,9 +38,9 @@ frames), not the weights. ``sampled_peak_above_start_mb`` is the same from a psu
 Ours: ``--modes parity,fast`` (``--api pipeline``, the default where ``EMOPipeline`` takes ``hallo_conditioning=``):
 ``EMOPipeline`` built by ``emo_pipeline.hallo.build_hallo_pipeline``, called as ``pipe(None, None,
 hallo_conditioning=..., mode=...)`` in each mode, frames returned (as Hallo's script keeps them); its memory sweep
-goes through ``pipe.iter_clips`` (streaming, as ``write_video``). ``--api hallo_generate``: the clip loop without the
-pipeline around it (``emo_pipeline.hallo.hallo_generate``; sweep through ``iter_hallo_clips``), labelled
-``hallo_generate-MODE``. ``--hallo-floor`` adds one untimed Hallo run with 1 torch thread: how far Hallo's own frames
+goes through ``pipe.iter_clips`` (streaming, as ``write_video``). ``--api hallo_generate``: the whole video through
+``emo_pipeline.hallo.hallo_generate`` (a thin wrapper over the same pipeline loop; sweep through ``iter_clips``),
+labelled ``hallo_generate-MODE``. ``--hallo-floor`` adds one untimed Hallo run with 1 torch thread: how far Hallo's own frames
 move on float noise alone (Hallo rounds its reference bank to fp16, so ~1e-7 differences flip roundings and grow
 through the steps and the clip chain): the scale on which the parity mode's difference is read. Load averages before
 and after every run are in the json: the machine has 2 cores shared with other work.
@@ -428,16 +428,6 @@ def run_ours(
         "guidance_scale": args.guidance_scale,
         "generator": torch.manual_seed(SEED),
     }
-    if api == "iter_hallo_clips":  # streaming: each clip decoded (fast: in chunks, as the pipeline) and dropped
-        count, vae = 0, hallo["vae"]
-        for latents, clip in emo_hallo.iter_hallo_clips(
-            ours["models"], vae, emo_hallo.hallo_scheduler(), conditioning, **options
-        ):
-            if clip is None:
-                scaled = latents[0].permute(1, 0, 2, 3) / emo_hallo.HALLO_VAE_SCALE
-                clip = torch.cat([vae.decode(chunk).sample for chunk in scaled.split(args.decode_chunk_size)])
-            count += len(clip)
-        return count
     if api == "hallo_generate":
         video = emo_hallo.hallo_generate(
             ours["models"],
@@ -784,7 +774,7 @@ def main() -> int:
     prefix = "ours" if api == "pipeline" else "hallo_generate"
     sides = [("hallo", lambda c, s: run_hallo(hallo, inputs, args, c, s))]
     sides += [(f"{prefix}-{m}", lambda c, s, m=m: run_ours(m, api, ours, hallo, inputs, args, c, s)) for m in modes]
-    sweep_api = "iter_clips" if api == "pipeline" else "iter_hallo_clips"  # streaming
+    sweep_api = "iter_clips"  # streaming (hallo_generate is the same loop, through the pipeline)
     sweep_sides = sides[:1] + [
         (f"{prefix}-{m} ({sweep_api})", lambda c, s, m=m: run_ours(m, sweep_api, ours, hallo, inputs, args, c, s))
         for m in args.sweep_modes.split(",")
