@@ -40,8 +40,8 @@ Ours: ``--modes parity,fast`` (``--api pipeline``, the default where ``EMOPipeli
 hallo_conditioning=..., mode=...)`` in each mode, frames returned (as Hallo's script keeps them); its memory sweep
 goes through ``pipe.iter_clips`` (streaming, as ``write_video``). ``--api hallo_generate``: the whole video through
 ``emo_pipeline.hallo.hallo_generate`` (a thin wrapper over the same pipeline loop; sweep through ``iter_clips``),
-labelled ``hallo_generate-MODE``. ``--hallo-floor`` adds one untimed Hallo run with 1 torch thread: how far Hallo's own frames
-move on float noise alone (Hallo rounds its reference bank to fp16, so ~1e-7 differences flip roundings and grow
+labelled ``hallo_generate-MODE``. ``--hallo-floor`` adds one untimed Hallo run with 1 torch thread: how far Hallo's own
+frames move on float noise alone (Hallo rounds its reference bank to fp16, so ~1e-7 differences flip roundings and grow
 through the steps and the clip chain): the scale on which the parity mode's difference is read. Load averages before
 and after every run are in the json: the machine has 2 cores shared with other work.
 """
