@@ -151,8 +151,11 @@ class WindowRun(Protocol):
         noise = run.combine(noise, count, guided)        # default: noise / count (a family may keep a peer's quirk)
         latents = scheduler.step(noise, timestep, latents); callback(latents)
 
-    then `run.decode_frames(latents)` -> frames or None (the pipeline then decodes the latents in chunks, streamed).
-    `latent_shape` is `(1, C, num_frames, h, w)`; the noise is drawn once for the whole video.
+    The noise is drawn once for the whole video (`latent_shape` `(1, C, num_frames, h, w)`) and passed through
+    `run.transform_noise` (EchoMimic clamps it to +-1.5). Then the pipeline decodes the latents clip by clip in chunks
+    and streams them (every frame's latents are held; nothing else per frame). The family's `Plan.num_clips` is the
+    number of decode chunks of `num_frames_per_clip` frames. `tests/test_sampling.py` drives one over the tiny EMO
+    backbone (`EMOWindowRun`): a worked example of the whole protocol.
     """
 
     latent_shape: tuple[int, ...]
