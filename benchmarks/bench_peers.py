@@ -36,14 +36,14 @@ frames), not the weights. ``sampled_peak_above_start_mb`` is the same from a psu
 (a cross-check; it can miss short peaks).
 
 Ours: ``--modes parity,fast`` (``--api pipeline``, the default where ``EMOPipeline`` takes ``hallo_conditioning=``):
-``EMOPipeline`` built by ``emo_pipeline.hallo.build_hallo_pipeline``, called as ``pipe(None, None,
-hallo_conditioning=..., mode=...)`` in each mode, frames returned (as Hallo's script keeps them); its memory sweep
-goes through ``pipe.iter_clips`` (streaming, as ``write_video``). ``--api hallo_generate``: the whole video through
-``emo_pipeline.hallo.hallo_generate`` (a thin wrapper over the same pipeline loop; sweep through ``iter_clips``),
-labelled ``hallo_generate-MODE``. ``--hallo-floor`` adds one untimed Hallo run with 1 torch thread: how far Hallo's own
-frames move on float noise alone (Hallo rounds its reference bank to fp16, so ~1e-7 differences flip roundings and grow
-through the steps and the clip chain): the scale on which the parity mode's difference is read. Load averages before
-and after every run are in the json: the machine has 2 cores shared with other work.
+``EMOPipeline`` built by ``emo_pipeline.hallo_conversion.build_hallo_pipeline``, called as ``pipe(None, None,
+hallo_conditioning=..., mode=...)`` in each mode, frames returned (as Hallo's script keeps them); its memory sweep goes
+through ``pipe.iter_clips`` (streaming, as ``write_video``). ``--api hallo_generate``: the whole video through
+``emo_pipeline.hallo_conversion.hallo_generate`` (a thin wrapper over the same pipeline loop; sweep through
+``iter_clips``), labelled ``hallo_generate-MODE``. ``--hallo-floor`` adds one untimed Hallo run with 1 torch thread:
+how far Hallo's own frames move on float noise alone (Hallo rounds its reference bank to fp16, so ~1e-7 differences
+flip roundings and grow through the steps and the clip chain): the scale on which the parity mode's difference is read.
+Load averages before and after every run are in the json: the machine has 2 cores shared with other work.
 """
 
 from __future__ import annotations
@@ -393,9 +393,12 @@ def pipeline_supports_hallo() -> bool:
     """Whether EMOPipeline takes `hallo_conditioning=` and `mode=` (the lead's pipeline integration)."""
     from dataclasses import fields
 
-    from emo_pipeline.pipeline_emo import GenerationSettings
+    try:
+        from emo_pipeline.families.hallo import HalloSettings  # Hallo's settings, documented with its family
+    except ImportError:
+        from emo_pipeline.pipeline_emo import GenerationSettings as HalloSettings  # before the family modules
 
-    names = {field.name for field in fields(GenerationSettings)}
+    names = {field.name for field in fields(HalloSettings)}
     return {"hallo_conditioning", "mode"} <= names
 
 
@@ -406,10 +409,11 @@ def run_ours(
 
     api "pipeline": `EMOPipeline.__call__(None, None, hallo_conditioning=..., mode=...)` (all frames returned, as
     Hallo's script keeps them); "iter_clips": the same through `iter_clips`, each clip dropped once counted (what
-    `write_video` does: streaming); "hallo_generate": `emo_pipeline.hallo.hallo_generate` (the clip loop without the
-    pipeline around it).
+    `write_video` does: streaming); "hallo_generate": `emo_pipeline.hallo_conversion.hallo_generate` (a wrapper over
+    the same pipeline).
     """
     from emo_pipeline import hallo as emo_hallo
+    from emo_pipeline import hallo_conversion
 
     f, n, frames = args.frames_per_clip, args.motion_frames, clips * args.frames_per_clip
     conditioning = emo_hallo.HalloConditioning(
@@ -429,7 +433,7 @@ def run_ours(
         "generator": torch.manual_seed(SEED),
     }
     if api == "hallo_generate":
-        video = emo_hallo.hallo_generate(
+        video = hallo_conversion.hallo_generate(
             ours["models"],
             hallo["vae"],
             emo_hallo.hallo_scheduler(),
@@ -649,7 +653,8 @@ def main() -> int:
         "--api",
         choices=["auto", "pipeline", "hallo_generate"],
         default="auto",
-        help="ours through EMOPipeline(hallo_conditioning=, mode=) or emo_pipeline.hallo.hallo_generate (auto: the "
+        help="ours through EMOPipeline(hallo_conditioning=, mode=) or emo_pipeline.hallo_conversion.hallo_generate "
+        "(auto: the "
         "pipeline where it takes hallo_conditioning)",
     )
     parser.add_argument(
@@ -706,7 +711,7 @@ def main() -> int:
     sys.path.insert(0, str(args.hallo_src))
     import diffusers
 
-    from emo_pipeline import hallo as emo_hallo
+    from emo_pipeline import hallo_conversion
 
     api = args.api
     if api == "auto":
@@ -734,7 +739,7 @@ def main() -> int:
             work_context.cleanup()  # net.pth is no longer needed: both sides hold the weights
     ours = {"models": models}
     if api == "pipeline":
-        ours["pipeline"] = emo_hallo.build_hallo_pipeline(models, hallo["vae"])
+        ours["pipeline"] = hallo_conversion.build_hallo_pipeline(models, hallo["vae"])
         ours["pipeline"].set_progress_bar_config(disable=True)
     install_timers(hallo, models)
     weights_before = fingerprint(hallo["net"])
@@ -821,7 +826,7 @@ def main() -> int:
             vae = copy.deepcopy(hallo["vae"]).to(torch.bfloat16)
             for method in ("encode", "decode"):  # the copied timers would call the shared float32 VAE
                 vars(vae).pop(method, None)
-            pipe = emo_hallo.build_hallo_pipeline(models, vae)
+            pipe = hallo_conversion.build_hallo_pipeline(models, vae)
             pipe.set_progress_bar_config(disable=True)
             if extra:
                 pipe.compile(components=("vae",))

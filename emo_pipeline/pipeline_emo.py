@@ -88,8 +88,8 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     Components: `vae` (frozen SD VAE), `reference_net` (`ReferenceNet`), `unet` (`EMOUNet3DConditionModel`),
     `audio_encoder` (`Wav2Vec2Model`), `feature_extractor` (`Wav2Vec2FeatureExtractor`), `scheduler` (any diffusers
     scheduler with `set_timesteps`/`step`; DDIM by default), and `identity_proj` (`IdentityProjection`, optional:
-    only pipelines converted from Hallo / Hallo2 weights have one, see `emo_pipeline.hallo.build_hallo_pipeline`;
-    `pipe.is_hallo` tells).
+    only pipelines converted from Hallo / Hallo2 weights have one, see
+    `emo_pipeline.hallo_conversion.build_hallo_pipeline`; `pipe.is_hallo` tells).
 
     Generate with `pipe(image, audio, ...)` (the whole video in memory), `pipe.iter_clips(...)` (clip by clip) or
     `pipe.write_video(path, ...)` (streamed to an mp4); they share the keyword arguments of `GenerationSettings`.

@@ -18,7 +18,8 @@ from hallo_goldens import GOLDENS, golden, golden_conditioning
 
 from emo_pipeline.cli.convert import main as convert
 from emo_pipeline.errors import EMOInputError
-from emo_pipeline.hallo import HALLO_LAYOUT, HalloConditioning
+from emo_pipeline.hallo import HalloConditioning
+from emo_pipeline.hallo_conversion import HALLO_LAYOUT
 from emo_pipeline.testing import demo_assets
 
 SIZE = 64
@@ -222,18 +223,24 @@ def test_hallo_and_sd15_sources_are_exclusive(tmp_path, capsys) -> None:
 def test_a_portrait_and_a_track_go_through_hallos_front_end_into_an_mp4(pipe, converted: Path, tmp_path) -> None:
     """The whole path with the converted folder: face crop, landmarks -> Hallo's masks, wav2vec2 interpolated before
     its transformer, both modes, streamed to an mp4 (the insightface embedding passed, no models offline)."""
+    import wave
+
     import av
 
     from emo_pipeline.cli.animate import main as animate
 
-    portrait, speech = demo_assets()
+    portrait, full_speech = demo_assets()
+    speech = tmp_path / "speech.wav"  # the demo track's first 0.7 s: 18 frames, 2 clips
+    with wave.open(str(full_speech)) as source, wave.open(str(speech), "wb") as target:
+        target.setparams(source.getparams())
+        target.writeframes(source.readframes(int(source.getframerate() * 0.7)))
     embedding = np.random.default_rng(0).standard_normal(512).astype(np.float32)
     settings = {"height": SIZE, "width": SIZE, "num_inference_steps": 1, "face_embedding": embedding}
     path = pipe.write_video(tmp_path / "fast.mp4", portrait, speech, **settings)
     plan = pipe.last_plan
-    assert plan.num_frames == 85 and plan.num_clips == 6  # ceil(3.37 s * 25); 16 frames per clip (Hallo's default)
+    assert plan.num_frames == 18 and plan.num_clips == 2  # ceil(0.7 s * 25); 16 frames per clip (Hallo's default)
     with av.open(str(path)) as container:
-        assert container.streams.video[0].frames == 85 and container.streams.audio
+        assert container.streams.video[0].frames == 18 and container.streams.audio
     np.save(tmp_path / "embedding.npy", embedding)
     output = tmp_path / "parity.mp4"
     code = animate(

@@ -5,7 +5,7 @@ A family (native EMO, Hallo / Hallo2, EchoMimic, ...) is one small module under 
 
 * which pipelines are its own (`Family.matches`: read from the converted folder's metadata or the backbone config),
   and how its release layout converts (`Family.convert_option`: the `emo-convert --<family>` option; the converter
-  itself lives beside the family's network code, e.g. `emo_pipeline.hallo.load_hallo_pipeline`);
+  itself lives beside the family's network code, e.g. `emo_pipeline.hallo_conversion.load_hallo_pipeline`);
 * its own generation settings (`Family.settings`, a dataclass documented with the family): the pipeline's methods
   take them as `**family_settings`; another family's are refused (`bind_settings`);
 * its conditioning front end and schedule (`Family.prepare`): portrait + track -> a `Plan` (what the video is) and a
