@@ -308,10 +308,10 @@ the RNG). Weights: every parameter random (`randomise_` in the script), seed {WE
 Hallo rounds the reference bank to float16, so float noise of ~1e-7 (thread count, op order) flips roundings and
 grows through CFG, the DDIM steps and the clip chain. `metadata.json: float_noise_floor` is Hallo against
 itself (default threads vs 1 thread), max |diff| per tensor. Compare teacher-forced: for clip K, step S feed the
-golden `init_latents_clipK` / `latents_clipK_step(S-1)`, the golden `ref_pixels_clipK` and the inputs above, and
-compare `noise_pred_clipK_stepS` (expect ~1e-4 abs; the floor of the first call is the first entry); apply the
-scheduler to the golden noise prediction for `latents_clipK_stepS`; decode the golden last latents for
-`frames_clipK`. A free-running run can only match to the floor (~1e-2 by the end of clip 1).
+golden `init_latents_clipK` / `latents_clipK_step(S-1)`, the golden reference bank of clip K rounded to float16
+(as Hallo's reader rounds it) and the inputs above, and compare `noise_pred_clipK_stepS` and the scheduler's step
+of it against `latents_clipK_stepS` (float32 noise only: within 1e-5); the unrounded bank is the ReferenceNet's
+output on `ref_latents_clipK` (within 1e-5). A free-running run matches to about the floor (~1e-4 on frames).
 
 ## `reference_bank.safetensors`
 `clipK/<module name>` (2 (1 + n), L, C) - the ReferenceNet's attn1 input (`norm1` output) of every
