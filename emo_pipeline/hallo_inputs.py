@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,16 +34,28 @@ import numpy as np
 from PIL import Image
 
 from emo_pipeline.errors import EMOInputError
+from emo_pipeline.hallo_audio import (
+    HALLO_AUDIO_MODES,
+    HALLO_CHUNK_CONTEXT_SECONDS,
+    HALLO_CHUNK_SECONDS,
+    hallo2_segment_bounds,
+    hallo_audio_features,
+    hallo_audio_windows,
+    iter_hallo_audio_features,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
-    from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
 __all__ = [
+    "HALLO_AUDIO_MODES",
+    "HALLO_CHUNK_CONTEXT_SECONDS",
+    "HALLO_CHUNK_SECONDS",
     "HALLO_FACE_ANALYSIS_FILES",
     "HALLO_LIP_IDS",
     "HALLO_SILHOUETTE_IDS",
     "HalloFaceMasks",
+    "hallo2_segment_bounds",
     "hallo_audio_features",
     "hallo_audio_windows",
     "hallo_face_embedding",
@@ -449,225 +460,8 @@ def hallo_face_embedding(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Audio
+# Audio: emo_pipeline.hallo_audio (re-exported here, the front end's public module)
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _interpolate_cnn_features(seq_len: int) -> Any:
-    """A forward hook for `Wav2Vec2Model.feature_extractor`: Hallo's `linear_interpolation` (wav2vec.py) of the CNN
-    features `(B, C, T_cnn)` to `seq_len` video frames, `align_corners=True`, before the feature projection."""
-    import torch.nn.functional as F
-
-    def hook(module: Any, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(output, size=seq_len, align_corners=True, mode="linear")
-
-    return hook
-
-
-def _encode_track(input_values: np.ndarray, seq_len: int, audio_encoder: Wav2Vec2Model) -> torch.Tensor:
-    """Hallo's `Wav2VecModel(input, seq_len, output_hidden_states=True)` then `stack(hidden_states[1:])`:
-    `(seq_len, layers, hidden)` on the CPU, in the encoder's dtype.
-
-    The stock `Wav2Vec2Model.forward` runs with a forward hook on its `feature_extractor` that interpolates the CNN
-    features to `seq_len`: Hallo's subclass does exactly this between the same two submodules, and the library's
-    own forward keeps `output_hidden_states` working (transformers 5 records hidden states around the model's
-    forward, so calling `encoder` directly would lose them).
-    """
-    import torch
-
-    from emo_pipeline.devices import compute_device
-
-    parameter = next(audio_encoder.parameters())
-    values = torch.from_numpy(input_values).to(device=compute_device(audio_encoder), dtype=parameter.dtype)[None]
-    handle = audio_encoder.feature_extractor.register_forward_hook(_interpolate_cnn_features(seq_len))
-    try:
-        with torch.no_grad():
-            output = audio_encoder(values, output_hidden_states=True, return_dict=True)
-    finally:
-        handle.remove()
-    if output.hidden_states is None:  # pragma: no cover - a wav2vec2 implementation that cannot return them
-        raise RuntimeError(f"{type(audio_encoder).__name__} returned no hidden_states with output_hidden_states=True")
-    hidden = torch.stack(output.hidden_states[1:], dim=1)[0]  # (layers, seq_len, hidden)
-    return hidden.transpose(0, 1).contiguous().cpu()
-
-
-def _hallo_track_features(
-    samples: np.ndarray,
-    audio_encoder: Wav2Vec2Model,
-    feature_extractor: Wav2Vec2FeatureExtractor,
-    fps: int,
-    clip_length: int,
-    sample_rate: int,
-    pad: bool = True,
-    processed_length: int = 0,
-) -> tuple[torch.Tensor, int]:
-    """`AudioProcessor.preprocess` of Hallo (audio_processor.py:106-125) on one track, or of Hallo2 on one segment.
-
-    Hallo2's `preprocess(..., padding, processed_length)` pads only the last segment, by the frames that complete a
-    whole number of clips over all segments (`processed_length` frames came before); it tests the segment's own
-    length for divisibility, as Hallo2 does.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    input_values = np.squeeze(feature_extractor(samples, sampling_rate=sample_rate).input_values)
-    input_values = np.asarray(input_values, dtype=np.float32).reshape(-1)
-    seq_len, audio_length = _segment_frames(len(input_values), fps, clip_length, sample_rate, pad, processed_length)
-    values = torch.from_numpy(input_values).float()
-    if seq_len > audio_length:  # Hallo pads the normalised samples by sample_rate // fps per missing frame
-        values = F.pad(values, (0, (seq_len - audio_length) * (sample_rate // fps)), "constant", 0.0)
-    return _encode_track(values.numpy(), seq_len, audio_encoder), audio_length
-
-
-def _check_audio_arguments(samples, audio_encoder, feature_extractor, fps, clip_length, sample_rate) -> None:
-    if samples.ndim != 1 or samples.dtype.kind != "f" or samples.size == 0:
-        raise EMOInputError(
-            f"samples must be non-empty 1-D float mono audio (see load_audio), got shape {samples.shape} "
-            f"dtype {samples.dtype}"
-        )
-    for name, value in (("fps", fps), ("sample_rate", sample_rate)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-            raise EMOInputError(f"{name} must be a positive int, got {value!r}")
-    if isinstance(clip_length, bool) or not isinstance(clip_length, (int, np.integer)):
-        raise EMOInputError(f"clip_length must be an int (<= 0: no padding), got {clip_length!r}")
-    if audio_encoder.training:
-        raise EMOInputError("audio_encoder is in train mode (dropout, time masking): call audio_encoder.eval() first")
-    expected_rate = getattr(feature_extractor, "sampling_rate", sample_rate)
-    if expected_rate != sample_rate:
-        raise EMOInputError(
-            f"the feature extractor expects {expected_rate} Hz audio but sample_rate is {sample_rate}; resample "
-            "with load_audio(..., sample_rate=...)"
-        )
-
-
-def hallo_audio_features(
-    samples: np.ndarray,
-    audio_encoder: Wav2Vec2Model,
-    feature_extractor: Wav2Vec2FeatureExtractor,
-    *,
-    fps: int = 25,
-    clip_length: int = 16,
-    sample_rate: int = 16000,
-    segment_seconds: float | None = None,
-) -> tuple[torch.Tensor, int]:
-    """Hallo's per-frame wav2vec2 features: every transformer layer's hidden states, one row per video frame.
-
-    Reproduces `AudioProcessor.preprocess` (hallo/datasets/audio_processor.py:106-125 with `wav2vec.features:
-    all`) and `Wav2VecModel` (hallo/models/wav2vec.py): the feature extractor normalises the whole track (zero
-    mean, unit variance); `audio_length = ceil(seconds * fps)` frames; the normalised samples are zero-padded
-    by `sample_rate // fps` per missing frame up to a whole number of `clip_length` clips; the CNN features are
-    linearly interpolated (`align_corners=True`) to that frame count BEFORE the feature projection and the
-    transformer, which then runs over the whole track at `fps` steps per second.
-
-    `segment_seconds` selects Hallo2's long-audio variant (hallo2 `scripts/inference_long.py`, `use_cut: true`,
-    60 s segments): the audio is cut into `segment_seconds` pieces and each is processed on its own (its own
-    normalisation and transformer context, no attention across cuts); only the last is padded, so the total is a
-    whole number of clips. The frame count equals the whole-track one when `segment_seconds * fps` is a whole
-    number; with one segment (audio no longer than `segment_seconds`) the result is the whole-track result. Hallo2
-    cuts the original file (pydub, milliseconds) before vocal separation and resampling; here the 16 kHz samples
-    are cut at `round(segment_seconds * sample_rate)` samples.
-
-    Args:
-        samples: `(N,)` float mono at `sample_rate` (Hallo: 16 kHz, vocals if separated).
-        audio_encoder: a stock transformers `Wav2Vec2Model` in eval mode (Hallo: wav2vec2-base-960h).
-        feature_extractor: its `Wav2Vec2FeatureExtractor`.
-        fps: video frame rate (Hallo: 25).
-        clip_length: frames per clip the features are padded to a multiple of (Hallo: 16); <= 0: no padding.
-        sample_rate: rate of `samples` in Hz (Hallo: 16000).
-        segment_seconds: None (Hallo: one pass over the whole track) or Hallo2's segment length in seconds (60).
-
-    Returns:
-        `(features, audio_length)`: features `(T, layers, hidden)` on the CPU in the encoder's dtype, T the padded
-        frame count (a multiple of `clip_length`); `audio_length` the frames the audio really covers (Hallo cuts the
-        video to it). Memory: the transformer attends over all T frames of a track (or segment) at once.
-    """
-    import torch
-
-    chunks, _, audio_length = iter_hallo_audio_features(
-        samples,
-        audio_encoder,
-        feature_extractor,
-        fps=fps,
-        clip_length=clip_length,
-        sample_rate=sample_rate,
-        segment_seconds=segment_seconds,
-    )
-    return torch.cat(list(chunks)), audio_length
-
-
-def _segment_frames(num_samples: int, fps: int, clip_length: int, sample_rate: int, pad: bool, processed: int):
-    """`(frames with padding, audio frames)` of one track or segment (Hallo's `preprocess`; Hallo2's pads only the
-    last segment, by what completes whole clips over all `processed` frames, testing the segment's own length)."""
-    seq_len = math.ceil(num_samples / sample_rate * fps)
-    padded = seq_len
-    if pad and clip_length > 0 and seq_len % clip_length != 0:
-        padded += clip_length - (seq_len + processed) % clip_length
-    return padded, seq_len
-
-
-def iter_hallo_audio_features(
-    samples: np.ndarray,
-    audio_encoder: Wav2Vec2Model,
-    feature_extractor: Wav2Vec2FeatureExtractor,
-    *,
-    fps: int = 25,
-    clip_length: int = 16,
-    sample_rate: int = 16000,
-    segment_seconds: float | None = None,
-) -> tuple[Iterator[torch.Tensor], int, int]:
-    """`hallo_audio_features` one segment at a time: `(chunks, T, audio_length)` where `chunks` yields each
-    segment's `(frames, layers, hidden)` features when asked for (the encoder runs then), and `T` / `audio_length`
-    are known up front. With `segment_seconds` (Hallo2), a consumer that keeps only the frames it still needs
-    (`emo_pipeline.audio.FeatureWindows`) holds one segment's features and runs the transformer over one segment at a
-    time, whatever the track's length; without it the whole track is one chunk (Hallo).
-    Arguments are checked here, before any chunk is computed (as `hallo_audio_features`).
-    """
-    samples = np.asarray(samples)
-    _check_audio_arguments(samples, audio_encoder, feature_extractor, fps, clip_length, sample_rate)
-    samples = samples.astype(np.float32, copy=False)  # Hallo's librosa.load gives float32
-    if segment_seconds is None:
-        segment_samples = samples.size
-    else:
-        if not (isinstance(segment_seconds, (int, float)) and math.isfinite(segment_seconds) and segment_seconds > 0):
-            raise EMOInputError(f"segment_seconds must be positive seconds or None, got {segment_seconds!r}")
-        segment_samples = round(segment_seconds * sample_rate)
-        if segment_samples < 1:
-            raise EMOInputError(f"segment_seconds={segment_seconds!r} is shorter than one sample")
-    starts = list(range(0, samples.size, segment_samples))
-    total = processed = 0
-    for index, start in enumerate(starts):
-        # inference_long.py pads the last segment only: padding = (idx + 1) == len(audio_list)
-        size = min(segment_samples, samples.size - start)
-        padded, length = _segment_frames(size, fps, clip_length, sample_rate, index == len(starts) - 1, processed)
-        total, processed = total + padded, processed + length
-
-    def chunks() -> Iterator[torch.Tensor]:
-        done = 0
-        for index, start in enumerate(starts):
-            segment = samples[start : start + segment_samples]
-            last = index == len(starts) - 1
-            emb, length = _hallo_track_features(
-                segment, audio_encoder, feature_extractor, fps, clip_length, sample_rate, last, done
-            )
-            done += length
-            yield emb
-
-    return chunks(), total, processed
-
-
-def hallo_audio_windows(features: torch.Tensor, window: int = 5) -> torch.Tensor:
-    """Hallo's `process_audio_emb` (scripts/inference.py): frame i gets frames i-2..i+2, clamped at the ends.
-
-    `(T, layers, hidden) -> (T, window, layers, hidden)`; the same as EMO's window (`window_audio_features`).
-    """
-    from emo_pipeline.audio import window_audio_features
-
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
-        raise EMOInputError(f"window must be an odd positive int (Hallo: 5), got {window!r}")
-    if features.ndim != 3:
-        raise EMOInputError(f"features must be (T, layers, hidden), got shape {tuple(features.shape)}")
-    return window_audio_features(features, window // 2)
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Vocal separation

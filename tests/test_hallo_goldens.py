@@ -34,7 +34,7 @@ def golden() -> dict:
     return load_golden("hallo")
 
 
-@pytest.mark.parametrize("variant", ["hallo", "hallo2"])
+@pytest.mark.parametrize("variant", ["hallo", "hallo2", "hallo_motion_scale"])
 def test_hallo_guidance_and_ddim_step_reproduce_the_golden_latents(variant: str) -> None:
     golden = load_golden(variant)
     from diffusers import DDIMScheduler
@@ -74,6 +74,23 @@ def test_hallo_vae_recipe_and_motion_frames_reproduce_the_golden(golden: dict) -
             frames = torch.cat([vae.decode(frame[None]).sample for frame in latents])  # one frame at a time
             frames = (frames / 2 + 0.5).clamp(0, 1).permute(1, 0, 2, 3)[None]
             torch.testing.assert_close(frames, outputs[f"frames_clip{clip}"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["hallo", "hallo2", "hallo_motion_scale"])
+def test_every_region_weighs_at_least_a_fifth_at_every_level_and_no_level_is_1x1(variant: str) -> None:
+    """The attention-mask regions (full / face / lip) each cover >= 0.2 at every pixel of every level, so every
+    branch's weights change the output (Hallo's own masks leave e.g. the full mask 0 on a 1x1 mid block), and the
+    deepest level is 2x2, not 1x1 (where a GroupNorm group of 2 numbers turns float noise into sign flips)."""
+    golden = load_golden(variant)
+    inputs, size = golden["inputs"], golden["meta"]["size"]
+    for level, divisor in enumerate((8, 16, 32, 64)):
+        masks = [inputs[f"{kind}_mask_{level}"] for kind in ("full", "face", "lip")]
+        assert all(mask.shape == (1, (size // divisor) ** 2) for mask in masks)
+        assert all(mask.min() >= 0.2 and mask.max() <= 1.0 for mask in masks), level
+        assert len({tuple(mask.flatten().tolist()) for mask in masks}) == 3, level  # three different regions
+    assert size // 64 >= 2
+    if variant == "hallo_motion_scale":
+        assert len(set(golden["meta"]["motion_scale"])) == 3  # unequal: swapped regions change the result
 
 
 def test_hallo_net_pth_has_the_released_layout() -> None:

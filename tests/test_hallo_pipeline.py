@@ -22,7 +22,8 @@ from emo_pipeline.hallo import HalloConditioning
 from emo_pipeline.hallo_conversion import HALLO_LAYOUT
 from emo_pipeline.testing import demo_assets
 
-SIZE = 64
+SIZE = 64  # the front-end runs (portrait + track); the golden runs use the goldens' own size
+GOLDEN_SIZE = json.loads((GOLDENS / "hallo" / "metadata.json").read_text())["size"]
 
 
 def make_release_folder(root: Path, net_path: str = HALLO_LAYOUT["net"]) -> Path:
@@ -64,7 +65,8 @@ def pipe(converted: Path):
 
 
 def run(pipe, conditioning: HalloConditioning, **kwargs):
-    options = {"num_inference_steps": 3, "height": SIZE, "width": SIZE, "output_type": "pt", "watermark": False}
+    options = {"num_inference_steps": 3, "height": GOLDEN_SIZE, "width": GOLDEN_SIZE, "output_type": "pt"}
+    options["watermark"] = False
     options["generator"] = torch.Generator().manual_seed(42)
     return pipe(None, None, hallo_conditioning=conditioning, **{**options, **kwargs}).frames
 
@@ -86,7 +88,7 @@ def test_parity_mode_reproduces_hallos_own_video(pipe) -> None:
     data = golden("hallo")
     meta, outputs = data["meta"], data["outputs"]
     frames = run(pipe, golden_conditioning(data["inputs"], meta["audio_length"]), mode="parity")
-    assert frames.shape == (meta["audio_length"], 3, SIZE, SIZE)
+    assert frames.shape == (meta["audio_length"], 3, GOLDEN_SIZE, GOLDEN_SIZE)
     for clip in range(meta["num_clips"]):
         expected = outputs[f"frames_clip{clip}"][0].permute(1, 0, 2, 3)
         floor = meta["float_noise_floor"][f"frames_clip{clip}"]
@@ -148,7 +150,7 @@ def test_callbacks_see_the_latents_and_can_interrupt(pipe) -> None:
         return {}
 
     frames = run(pipe, conditioning, callback_on_step_end=stop_after_first_step)
-    assert seen == [(0, 0, (1, 4, 16, 8, 8))]
+    assert seen == [(0, 0, (1, 4, 16, GOLDEN_SIZE // 8, GOLDEN_SIZE // 8))]
     assert frames.shape[0] == 16  # the clip in progress is returned as it stands, then generation stops
 
     def zero_latents(p, step, timestep, tensors):
@@ -174,7 +176,7 @@ def test_settings_of_the_other_family_are_refused(pipe) -> None:
     with pytest.raises(EMOInputError, match="fps must be a whole number"):
         run(pipe, conditioning, fps=29.97)
     with pytest.raises(EMOInputError, match="height/width"):
-        run(pipe, conditioning, height=128, width=128)
+        run(pipe, conditioning, height=2 * GOLDEN_SIZE, width=2 * GOLDEN_SIZE)
     portrait, _ = demo_assets()
     with pytest.raises(EMOInputError, match="face_analysis_dir= .* or face_embedding="):
         pipe(portrait, np.zeros(16000, dtype=np.float32), height=SIZE, width=SIZE, face_analysis_dir=None)

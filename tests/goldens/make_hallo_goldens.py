@@ -11,22 +11,29 @@ converted ``EMOPipeline`` must reproduce. See ``docs/hallo_architecture.md`` for
 randomly masked motion-frame pixels); pass ``--hallo-src`` a Hallo2 checkout and ``--weights-dir`` the Hallo
 goldens' folder so both share one ``net.pth``.
 
-Usage (a separate venv, not the project's)::
+Usage (a separate venv with Hallo's pins, not the project's; docs/hallo_architecture.md section 10)::
 
-    python3 -m venv /work/venv-hallo && . /work/venv-hallo/bin/activate
-    pip install torch==2.13.0 "diffusers>=0.42,<0.43" "transformers>=5" accelerate safetensors einops omegaconf \
-        "numpy<2" pillow
-    git clone https://github.com/fudan-generative-vision/hallo /tmp/hallo-src   # commit 8fd7c572
-    python tests/goldens/make_hallo_goldens.py --hallo-src /tmp/hallo-src --output tests/goldens/hallo
+    python3 -m venv /work/venvs/hallo && . /work/venvs/hallo/bin/activate
+    pip install torch==2.13.0 && pip install diffusers==0.27.2 transformers==4.39.2 accelerate==0.28.0 \
+        einops==0.8.0 omegaconf==2.3.0 numpy==1.26.4 pillow==10.3.0 safetensors "huggingface_hub<0.26"
+    # sources: fudan-generative-vision/hallo at 8fd7c572 in /tmp/hallo-src, hallo2 at 58a9aa6c in /tmp/hallo2-src
+    G=tests/goldens/make_hallo_goldens.py
+    python $G --hallo-src /tmp/hallo-src --output tests/goldens/hallo
+    python $G --hallo-src /tmp/hallo2-src --variant hallo2 --weights-dir tests/goldens/hallo \
+        --output tests/goldens/hallo2
+    python $G --hallo-src /tmp/hallo-src --weights-dir tests/goldens/hallo --output tests/goldens/hallo_motion_scale \
+        --clips 1 --motion-scale 1.0 0.6 1.4 --denoiser-only
 
-Shims needed to run Hallo's code (pinned to diffusers 0.27.2 / transformers 4.39.2 / torch 2.2.2) on
-diffusers 0.42 / transformers 5 / torch 2.13, all applied here at run time without editing Hallo's files:
+Each run also reruns itself single-threaded and records Hallo-against-itself differences (``float_noise_floor``).
+
+Shims needed to run Hallo's code (pinned to torch 2.2.2 + xformers; the same script also runs on diffusers 0.42 /
+transformers 5) on torch 2.13, all applied here at run time without editing Hallo's files:
 
 1. ``hallo/models/motion_module.py`` does ``import xformers`` / ``import xformers.ops`` unconditionally (only
    ``set_use_memory_efficient_attention_xformers`` uses it, never called at inference). An empty stub module is
    put in ``sys.modules`` AFTER diffusers and transformers are imported (diffusers' ``find_spec("xformers")``
    check fails on a stub without ``__spec__``; importing it first leaves diffusers' "xformers unavailable").
-2. ``ModelMixin.enable_gradient_checkpointing()`` in diffusers 0.42 calls
+2. (What diffusers 0.27.2 does itself; needed under 0.42.) ``ModelMixin.enable_gradient_checkpointing()`` in 0.42 calls
    ``self._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=...)``; Hallo's UNets override
    ``_set_gradient_checkpointing(self, module, value=False)`` with the 0.27 signature (TypeError). Replaced by
    what diffusers 0.27.2 did: ``model.apply(functools.partial(model._set_gradient_checkpointing, value=True))``.
@@ -41,8 +48,9 @@ No other change was needed: everything else imports and runs as released (deprec
 Deviations from the released run, forced by the tiny configuration (all recorded in ``metadata.json``):
 ``FaceLocator(conditioning_embedding_channels=320)`` becomes ``block_out_channels[0]`` (32); the audio
 projection sizes follow the tiny wav2vec2 (4 layers x 32 channels, intermediate 64, 32 tokens x 32); fp32 on CPU
-instead of fp16 on CUDA; 3 denoising steps instead of 40; 64 x 64 pixels (8 x 8 latents, 4 UNet levels
-at 8, 4, 2, 1). ``f = 16``, ``n = 2``, CFG 3.5, the scheduler and the generator (``torch.manual_seed(42)``) are
+instead of fp16 on CUDA; 3 denoising steps instead of 40; 128 x 128 pixels (16 x 16 latents, 4 UNet levels
+at 16, 8, 4, 2: see SIZE); attention masks lifted to [0.2, 1].
+``f = 16``, ``n = 2``, CFG 3.5, the scheduler and the generator (``torch.manual_seed(42)``) are
 as released.
 """
 
@@ -70,8 +78,13 @@ MOTION_FRAMES = 2  # default.yaml data.n_motion_frames
 STEPS = 3
 CFG = 3.5  # default.yaml cfg_scale
 CLIPS = 2
-SIZE = 64  # pixels; the VAE downsamples 8x as SD's does, so latents are 8 x 8
-MOTION_SCALE = [1.0, 1.0, 1.0]  # [pose_weight, face_weight, lip_weight], default.yaml:42-44
+# Pixels. The VAE downsamples 8x as SD's does: latents 16 x 16, UNet levels 16, 8, 4, 2. NOT 64 pixels (latents
+# 8 x 8): the deepest level would be 1 x 1, where each GroupNorm group of 64 channels / 32 groups normalises 2
+# numbers to about +-1, an output that jumps with the sign of their difference; float noise of 1e-7 then flipped
+# whole groups and Hallo2 disagreed with itself by 0.2 on frames between two thread counts (Hallo: 8e-3).
+SIZE = 128
+MOTION_SCALE = [1.0, 1.0, 1.0]  # [pose_weight, face_weight, lip_weight], default.yaml:42-44 (--motion-scale)
+MIN_REGION_WEIGHT = 0.2  # every region mask >= this everywhere, at every level (each branch's weights matter)
 HALLO2_MASK_RATE = 0.25  # hallo2 configs/inference/long.yaml: use_mask: true, mask_rate: 0.25
 
 # A 4-level SD-like UNet: Hallo's UNet3DConditionModel hard-codes 4 levels (mask level = depth, up res
@@ -106,7 +119,7 @@ TINY_VAE_CONFIG = {
     "layers_per_block": 1,
     "latent_channels": 4,
     "norm_num_groups": 8,
-    "sample_size": SIZE,
+    "sample_size": 64,  # unused (widths are passed); kept as first generated so the weights folder is unchanged
 }
 # wav2vec2 stand-in: the tiny config of make_wav2vec_golden.py (4 layers, hidden 32).
 AUDIO_PROJ_KWARGS = {
@@ -195,9 +208,13 @@ def synthetic_inputs(generator: torch.Generator) -> dict[str, torch.Tensor]:
     for level, res in enumerate((SIZE // 8, SIZE // 16, SIZE // 32, SIZE // 64)):
         face_blur = blob(0.0, 0.0, 0.7, 0.5, res)
         lip = blob(0.45, 0.0, 0.25, 0.35, res)
-        inputs[f"full_mask_{level}"] = (1.0 - face_blur).reshape(1, -1)
-        inputs[f"face_mask_{level}"] = (face_blur - lip).clamp(0, 1).reshape(1, -1)
-        inputs[f"lip_mask_{level}"] = lip.reshape(1, -1)
+        # Hallo's masks are blurred boxes that vanish away from their region (the full mask is 0 inside the face,
+        # the lip mask ~0 at a coarse level), which would leave a branch's weights untested at some level: each is
+        # lifted to [MIN_REGION_WEIGHT, 1] so every region weighs >= 0.2 everywhere, with its own spatial shape.
+        low = MIN_REGION_WEIGHT
+        inputs[f"full_mask_{level}"] = (low + (1 - low) * (1.0 - face_blur)).reshape(1, -1)
+        inputs[f"face_mask_{level}"] = (low + (1 - low) * (face_blur - lip).clamp(0, 1)).reshape(1, -1)
+        inputs[f"lip_mask_{level}"] = (low + (1 - low) * lip).reshape(1, -1)
     inputs["face_emb"] = torch.randn(1, FACE_EMB_DIM, generator=generator) * 20.0  # insightface norms are ~20
     # wav2vec2 hidden states of every layer, per video frame: (T, layers, channels), T = CLIPS * FRAMES
     inputs["audio_emb"] = torch.randn(
@@ -262,7 +279,8 @@ the RNG). Weights: every parameter random (`randomise_` in the script), seed {WE
 ## `outputs.safetensors`
 * `timesteps` (steps,) int64.
 * `id_tokens` (2, 4, 32) - `cat([image_proj(0), image_proj(face_emb)])`: row 0 uncond, row 1 cond.
-* `face_locator_clipK` (2, 32, f, {h}, {h}) - `cat([zeros, face_locator(region)])`.
+* `face_locator_clipK` (2, 32, 1, {h}, {h}) - `cat([zeros, face_locator(region)])`, one frame (Hallo's is the same
+  on all f frames).
 * `audio_tokens_clipK` (1, f, 32, 32) - `audioproj(audio_emb_windowed[K*f:(K+1)*f][None])` (the cond row; uncond
   is zeros).
 * `ref_pixels_clipK` (1 + n, 3, {SIZE}, {SIZE}) in [-1, 1] - `[source, motion frames]` fed to the VAE; clip 0's
@@ -290,10 +308,10 @@ the RNG). Weights: every parameter random (`randomise_` in the script), seed {WE
 Hallo rounds the reference bank to float16, so float noise of ~1e-7 (thread count, op order) flips roundings and
 grows through CFG, the DDIM steps and the clip chain. `metadata.json: float_noise_floor` is Hallo against
 itself (default threads vs 1 thread), max |diff| per tensor. Compare teacher-forced: for clip K, step S feed the
-golden `init_latents_clipK` / `latents_clipK_step(S-1)`, the golden `ref_pixels_clipK` and the inputs above, and
-compare `noise_pred_clipK_stepS` (expect ~1e-4 abs; the floor of the first call is the first entry); apply the
-scheduler to the golden noise prediction for `latents_clipK_stepS`; decode the golden last latents for
-`frames_clipK`. A free-running run can only match to the floor (~1e-2 by the end of clip 1).
+golden `init_latents_clipK` / `latents_clipK_step(S-1)`, the golden reference bank of clip K rounded to float16
+(as Hallo's reader rounds it) and the inputs above, and compare `noise_pred_clipK_stepS` and the scheduler's step
+of it against `latents_clipK_stepS` (float32 noise only: within 1e-5); the unrounded bank is the ReferenceNet's
+output on `ref_latents_clipK` (within 1e-5). A free-running run matches to about the floor (~1e-4 on frames).
 
 ## `reference_bank.safetensors`
 `clipK/<module name>` (2 (1 + n), L, C) - the ReferenceNet's attn1 input (`norm1` output) of every
@@ -336,7 +354,8 @@ def measure_noise_floor(args: argparse.Namespace, outputs: dict[str, torch.Tenso
 
     command = [sys.executable, __file__, "--hallo-src", str(args.hallo_src), "--output", str(rerun)]
     command += ["--hallo-commit", args.hallo_commit or "-", "--threads", "1", "--no-floor", "--variant", args.variant]
-    command += ["--weights-dir", str(args.weights_dir or args.output)]
+    command += ["--weights-dir", str(args.weights_dir or args.output), "--clips", str(args.clips)]
+    command += ["--motion-scale", *(str(x) for x in args.motion_scale)]
     subprocess.run(command, check=True, capture_output=True)
     single = load_file(rerun / "outputs.safetensors")
     return {
@@ -347,6 +366,7 @@ def measure_noise_floor(args: argparse.Namespace, outputs: dict[str, torch.Tenso
 
 
 def main() -> None:
+    global CLIPS, MOTION_SCALE  # set from the command line; every helper reads them
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--hallo-src", type=Path, required=True, help="a checkout of fudan-generative-vision/hallo")
     parser.add_argument("--output", type=Path, default=Path("tests/goldens/hallo"))
@@ -364,10 +384,25 @@ def main() -> None:
         help="where net.pth, vae/ and unet/ go (default: --output); if they exist there they must be identical",
     )
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    parser.add_argument("--clips", type=int, default=CLIPS, help=f"clips to generate (default {CLIPS})")
+    parser.add_argument(
+        "--motion-scale",
+        type=float,
+        nargs=3,
+        default=MOTION_SCALE,
+        metavar=("FULL", "FACE", "LIP"),
+        help=f"Hallo's motion_scale (pose, face, lip weights; default {MOTION_SCALE}, as released)",
+    )
+    parser.add_argument(
+        "--denoiser-only",
+        action="store_true",
+        help="keep no pixels (frames_*, ref_pixels_*) in outputs.safetensors: for runs only teacher-forced tests read",
+    )
     parser.add_argument(
         "--no-floor", action="store_true", help="skip the second, single-thread run that measures the noise floor"
     )
     args = parser.parse_args()
+    CLIPS, MOTION_SCALE = args.clips, list(args.motion_scale)
     if args.threads:
         torch.set_num_threads(args.threads)
     hallo_src = args.hallo_src.resolve()
@@ -532,7 +567,10 @@ def main() -> None:
         def on_denoiser(_module, _args, kwargs, output_):
             k, s = state["clip"], state["step"]
             outputs[f"noise_pred_clip{k}_step{s}"] = output_[0].detach().clone()
-            outputs[f"face_locator_clip{k}"] = kwargs["mask_cond_fea"].detach().clone()
+            # the same map on every frame (Hallo repeats it over f): one frame is kept, (2, C, 1, h, w)
+            face_features = kwargs["mask_cond_fea"]
+            assert torch.equal(face_features, face_features[:, :, :1].expand_as(face_features))
+            outputs[f"face_locator_clip{k}"] = face_features[:, :, :1].detach().clone()
             outputs["id_tokens"] = kwargs["encoder_hidden_states"].detach().clone()
 
         def on_reference(_module, _args, _output):
@@ -628,9 +666,11 @@ def main() -> None:
         for hook in hooks:
             hook.remove()
 
-        for name in ("audio_tokens_clip0", "noise_pred_clip1_step2", "frames_clip1"):
+        for name in ("audio_tokens_clip0", f"noise_pred_clip{CLIPS - 1}_step2", f"frames_clip{CLIPS - 1}"):
             assert name in outputs, name
         save_file({k: v.contiguous() for k, v in inputs.items()}, output / "inputs.safetensors")
+        if args.denoiser_only:  # what the teacher-forced tests read: no pixels (a few MB less)
+            outputs = {k: v for k, v in outputs.items() if not k.startswith(("frames_", "ref_pixels_"))}
         save_file({k: v.contiguous() for k, v in outputs.items()}, output / "outputs.safetensors")
         save_file({k: v.contiguous() for k, v in bank.items()}, output / "reference_bank.safetensors")
 
@@ -649,6 +689,7 @@ def main() -> None:
             "num_inference_steps": STEPS,
             "guidance_scale": CFG,
             "motion_scale": MOTION_SCALE,
+            "denoiser_only": args.denoiser_only,
             "audio_length": audio_length,
             "weight_dtype": "fp32",
             "timesteps": outputs["timesteps"].tolist(),
