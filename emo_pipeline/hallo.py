@@ -13,7 +13,8 @@ As a pipeline (what `emo-convert --hallo pretrained_models --output DIR` writes)
     pipe = load_hallo_pipeline("pretrained_models")              # or EMOPipeline.from_pretrained(DIR)
     pipe.write_video("out.mp4", "portrait.jpg", "speech.wav", mode="fast")     # or mode="parity"
 
-`iter_hallo_clips` is the clip loop of both modes; `emo_pipeline.hallo_inputs` computes Hallo's conditioning from
+Both modes run through the pipeline's one sampling loop (`emo_pipeline.sampling`; the family module
+`emo_pipeline.families.hallo`); `emo_pipeline.hallo_inputs` computes Hallo's conditioning from
 a portrait and a track (landmarks -> masks, insightface embedding, wav2vec2 features).
 
 The networks alone (a released `net.pth` with SD1.5's `unet/config.json`)::
@@ -27,9 +28,8 @@ The networks alone (a released `net.pth` with SD1.5's `unet/config.json`)::
 from __future__ import annotations
 
 import json
-import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,7 +59,6 @@ __all__ = [
     "hallo_generate",
     "hallo_scheduler",
     "infer_hallo_sizes",
-    "iter_hallo_clips",
     "load_hallo_models",
     "load_hallo_pipeline",
     "load_hallo_state_dict",
@@ -464,7 +463,7 @@ class HalloConditioning:
 
 
 @torch.no_grad()
-def iter_hallo_clips(
+def hallo_generate(
     models: HalloModels,
     vae: AutoencoderKL,
     scheduler: DDIMScheduler,
@@ -479,129 +478,34 @@ def iter_hallo_clips(
     generator: torch.Generator | None = None,
     motion_frame_mask_rate: float | None = None,
     eta: float = 0.0,
-    precompute: bool = True,
-    on_clip_start: Callable[[int], None] | None = None,
-    on_step: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
-    interrupted: Callable[[], bool] | None = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Hallo's clip loop, one clip at a time: yields `(latents (1, 4, f, h, w), frames)` per clip.
-
-    mode "parity": Hallo's `scripts/inference.py:285-343` with `FaceAnimatePipeline` exactly: the ReferenceNet runs
-        `[source, motion frames]` once per clip, the bank is rounded to `models.bank_dtype` (fp16), the first clip's
-        motion frames are the source image, later ones the last decoded frames re-encoded by the VAE, each clip
-        decoded one frame at a time; `frames (f, 3, H, W)` float32 in [0, 1]. Latents in the models' dtype.
-    mode "fast": the same networks and conditioning with nothing computed twice: the source image through the
-        ReferenceNet once per video and its keys/values projected once (`prepare_reference`), only the motion frames
-        per clip, taken from the previous clip's last latents (no decode/encode round trip), no bank rounding,
-        latents and scheduler in float32; `frames` is None (the caller decodes the latents, in chunks).
-    generator: CPU generator shared by the clips (Hallo: `torch.manual_seed(42)`): each clip draws its initial noise
-        `(1, 4, f, h, w)` from it, so both modes start every clip from the same noise.
-    motion_frame_mask_rate: Hallo2 (`inference_long.py`, parity mode): before each clip's noise, one `rand(H, W)` mask
-        keeps motion-frame pixels where `> rate` or inside the face box (0.25 released); None for Hallo.
-    guidance_scale: a number, or a function read at every step (a pipeline callback may change it); <= 1 takes the
-        conditional branch alone, as Hallo does.
-    precompute: project the reference keys/values once (False under offload hooks, where the backbone's weights
-        are only in place inside its forward).
-    on_clip_start(clip), on_step(step, timestep, latents) -> new latents or None, interrupted() -> bool (checked
-        before every step; the clip in progress is returned as it stands, then the loop ends): a pipeline's hooks.
-    """
-    if mode not in HALLO_MODES:
-        raise EMOInputError(f"mode must be one of {HALLO_MODES}, got {mode!r}")
-    if mode == "fast" and motion_frame_mask_rate is not None:
-        raise EMOInputError(
-            "motion_frame_mask_rate masks decoded motion-frame pixels (Hallo2): use it with mode='parity'; the fast "
-            "mode keeps motion frames as latents"
-        )
-    window = models.backbone.audio_proj.config.window_size
-    conditioning.check(window)
-    n, f = num_motion_frames, num_frames
-    dtype = next(models.backbone.parameters()).dtype
-    device = next(models.backbone.parameters()).device
-    source_image = conditioning.source_image.to(device)
-    face_region = conditioning.face_region.to(device)
-    region_masks = {
-        level: tuple(mask.to(device=device, dtype=dtype) for mask in masks)
-        for level, masks in conditioning.region_masks.items()
-    }
-    id_tokens = models.identity_tokens(conditioning.face_embedding.to(device=device, dtype=dtype))
-    face = models.face_features(face_region.to(dtype))
-    num_clips = math.ceil(conditioning.num_frames / f)
-    source_latents = motion_pixels = source = None
-    if mode == "parity":
-        motion_pixels = source_image.repeat(n, 1, 1, 1)  # clip 0: the source image itself
-    else:
-        source_latents = vae.encode(source_image.to(vae.dtype)).latent_dist.mean * HALLO_VAE_SCALE
-        source = models.encode_source(source_latents.to(dtype), id_tokens, n)
-        if precompute:
-            source = models.backbone.prepare_reference(source)
-        motion_latents = source_latents.repeat(n, 1, 1, 1)  # clip 0: the source image itself
-    for clip in range(num_clips):
-        if on_clip_start is not None:
-            on_clip_start(clip)
-        start = clip * f
-        if mode == "parity":
-            if motion_frame_mask_rate is not None:
-                height, width = source_image.shape[-2:]
-                keep = torch.rand(height, width, generator=generator) > motion_frame_mask_rate
-                motion_pixels = motion_pixels * (keep.to(device) | (face_region[0, 0] > 0))
-            ref_pixels = torch.cat([source_image, motion_pixels]).to(vae.dtype)
-            ref_latents = vae.encode(ref_pixels).latent_dist.mean * HALLO_VAE_SCALE
-            reference = models.encode_reference(ref_latents.to(dtype), id_tokens)
-            latent_dtype = dtype
-        else:
-            temporal = models.encode_motion(motion_latents.to(dtype), id_tokens)
-            reference = ReferenceFeatures(
-                spatial=source.spatial, temporal=temporal, key_value=source.key_value, tiled=True
-            )
-            ref_latents = source_latents
-            latent_dtype = torch.float32
-        height, width = ref_latents.shape[-2:]
-        latents = torch.randn((1, ref_latents.shape[1], f, height, width), generator=generator).to(device)
-        latents = (latents * scheduler.init_noise_sigma).to(latent_dtype)
-        windows = conditioning.audio_windows(start, start + f, window)[None].to(device=device, dtype=dtype)
-        inputs = models.guidance_inputs(id_tokens, models.audio_tokens(windows), face, region_masks, motion_scale)
-        scheduler.set_timesteps(num_inference_steps, device=device)
-        for step, t in enumerate(scheduler.timesteps):
-            if interrupted is not None and interrupted():
-                break
-            eps = models.step(latents.to(dtype), t, reference, inputs)
-            uncond, cond = eps.to(latent_dtype).chunk(2)
-            scale = guidance_scale() if callable(guidance_scale) else guidance_scale
-            guided = uncond + scale * (cond - uncond) if scale > 1 else cond
-            latents = scheduler.step(guided, t, latents, eta=eta, return_dict=False)[0]
-            if on_step is not None:
-                replaced = on_step(step, t, latents)
-                latents = latents if replaced is None else replaced.to(latent_dtype)
-        if mode == "fast":
-            motion_latents = latents[0, :, f - n :].permute(1, 0, 2, 3)
-            yield latents.float(), None
-        else:
-            frames = latents[0].permute(1, 0, 2, 3) / HALLO_VAE_SCALE  # (f, 4, h, w), decoded one frame at a time
-            frames = torch.cat([vae.decode(frame[None].to(vae.dtype)).sample for frame in frames])
-            frames = (frames / 2 + 0.5).clamp(0, 1).float()  # (f, 3, H, W)
-            motion_pixels = frames[f - n :].to(source_image.dtype) * 2.0 - 1.0
-            yield latents.float(), frames
-        if interrupted is not None and interrupted():
-            return
-
-
-@torch.no_grad()
-def hallo_generate(
-    models: HalloModels,
-    vae: AutoencoderKL,
-    scheduler: DDIMScheduler,
-    conditioning: HalloConditioning,
-    **options,
 ) -> torch.Tensor:
-    """The whole video of `iter_hallo_clips` (keyword `options` as there, default mode "parity"):
-    `(1, 3, audio_length, H, W)` frames in [0, 1] (float32)."""
-    clips = []
-    for latents, frames in iter_hallo_clips(models, vae, scheduler, conditioning, **options):
-        if frames is None:
-            frames = latents[0].permute(1, 0, 2, 3) / HALLO_VAE_SCALE
-            frames = (vae.decode(frames.to(vae.dtype)).sample / 2 + 0.5).clamp(0, 1).float()
-        clips.append(frames)
-    return torch.cat(clips)[: conditioning.num_frames].permute(1, 0, 2, 3)[None]
+    """The whole video of Hallo's networks through the pipeline's one sampling loop (`build_hallo_pipeline` around
+    `models`, `vae`, `scheduler`; default mode "parity"): `(1, 3, audio_length, H, W)` frames in [0, 1] (float32).
+
+    generator: CPU generator shared by the clips (Hallo: `torch.manual_seed(42)`): each clip draws its initial noise
+    from it. motion_frame_mask_rate: Hallo2's motion-frame pixel mask (parity mode; 0.25 released).
+    """
+    pipe = build_hallo_pipeline(models, vae, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    frames = pipe(
+        None,
+        None,
+        hallo_conditioning=conditioning,
+        mode=mode,
+        height=conditioning.source_image.shape[-1],
+        width=conditioning.source_image.shape[-1],
+        num_frames_per_clip=num_frames,
+        num_motion_frames=num_motion_frames,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        motion_scale=motion_scale,
+        generator=generator,
+        motion_frame_mask_rate=motion_frame_mask_rate,
+        eta=eta,
+        output_type="pt",
+        watermark=False,
+    ).frames
+    return frames.permute(1, 0, 2, 3)[None]
 
 
 def build_hallo_models(
@@ -824,6 +728,14 @@ def check_motion_module(motion_module: str | os.PathLike, state: dict[str, torch
     return len(module)
 
 
+def _relative_to(path: Path, root: Path) -> str:
+    """`path` relative to `root` when inside it, else its file name (never an absolute path of this machine)."""
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return path.name
+
+
 def load_hallo_pipeline(
     pretrained_models: str | os.PathLike,
     net: str | os.PathLike | None = None,
@@ -833,8 +745,8 @@ def load_hallo_pipeline(
 
     `net`: the checkpoint to load (default `hallo/net.pth`; Hallo2: `hallo2/net.pth`), relative to the folder or a
     path. Every key of net.pth is placed (`load_hallo_weights`), and the motion module, when present, is checked to
-    be fully overwritten by net.pth (`check_motion_module`). The insightface models and the vocal separator stay
-    where they are: their paths become the pipeline's defaults (`face_analysis_dir`, `audio_separator_model`).
+    be fully overwritten by net.pth (`check_motion_module`). Nothing machine-specific is stored: the insightface
+    models and the vocal separator are given when generating (`face_analysis_dir=`, `vocal_separation=`).
     Raises `EMOInputError` naming a missing or unreadable file.
     """
     from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
@@ -867,25 +779,25 @@ def load_hallo_pipeline(
     except (OSError, ValueError) as error:
         raise EMOInputError(f"cannot load a model of {root}: {error}") from error
     variant = "hallo2" if "hallo2" in net_path.parts else "hallo"
-    defaults = {}
-    if (root / HALLO_LAYOUT["face_analysis"]).is_dir():
-        defaults["face_analysis_dir"] = str((root / HALLO_LAYOUT["face_analysis"]).resolve())
-    if (root / HALLO_LAYOUT["audio_separator"]).is_file():
-        defaults["audio_separator_model"] = str((root / HALLO_LAYOUT["audio_separator"]).resolve())
+    # Portable: nothing of this machine is stored (no absolute path; the insightface models and the vocal separator
+    # are given at call time, `face_analysis_dir=` / `vocal_separation=`). Paths are relative to pretrained_models/.
+    relative = _relative_to(net_path, root)
     metadata = {
         "family": variant,
         "license": "other",  # MIT code; the weights' terms are upstream's (see the model card)
         "source": HALLO2_REPO if variant == "hallo2" else HALLO_REPO,
         "converted_from": {
-            "net": str(net_path),
-            "motion_module": f"{motion_module} ({checked} tensors, all overwritten by net.pth)" if checked else None,
-            "vae": str(vae_dir),
-            "audio_encoder": str(wav2vec_dir),
+            "net": relative,
+            "motion_module": (
+                f"{HALLO_LAYOUT['motion_module']} ({checked} tensors, all overwritten by net.pth)" if checked else None
+            ),
+            "vae": HALLO_LAYOUT["vae"],
+            "audio_encoder": HALLO_LAYOUT["wav2vec"],
         },
         "base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5",
         "audio_encoder": "facebook/wav2vec2-base-960h",
-        "converted_with": f"emo-convert --hallo {root}" + (f" --net {net}" if net is not None else ""),
-        "generation_defaults": defaults,
+        "converted_with": "emo-convert --hallo pretrained_models" + (f" --net {relative}" if net is not None else ""),
+        "generation_defaults": {},
     }
     pipe = build_hallo_pipeline(models, vae, audio_encoder.eval(), feature_extractor, metadata=metadata)
     return pipe.to(dtype=torch_dtype) if torch_dtype is not None else pipe
