@@ -1,9 +1,9 @@
-"""EchoMimic (antgroup/echomimic, Apache-2.0) weights in EMO's classes and its sampler (docs/echomimic_architecture.md).
+"""EchoMimic (antgroup/echomimic, Apache-2.0) weights in our classes, and its conversion (docs/echomimic_architecture.md).
 
 EchoMimic's networks are ours with other options: the backbone's attn2 attends to whisper-tiny tokens (width 384,
 no audio projection) and its output is scaled by 3.0; the ReferenceNet runs without attn2; a face locator with
 channels (16, 32, 96, 256) on a 1-channel face mask (pose variants: 3-channel landmark renders). The whole video is
-denoised jointly in context windows (`emo_pipeline.context_windows`).
+denoised jointly in context windows (`emo_pipeline.families.echomimic`, driven by `emo_pipeline.sampling`).
 """
 
 from __future__ import annotations
@@ -17,10 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
-from diffusers.utils.torch_utils import randn_tensor
 
-from emo_pipeline.context_windows import denoise_context_windows
-from emo_pipeline.echomimic_inputs import whisper_frame_tokens
 from emo_pipeline.errors import EMOInputError
 from emo_pipeline.models.attention import ReferenceFeatures
 from emo_pipeline.models.backbone import EMOUNet3DConditionModel
@@ -33,7 +30,8 @@ __all__ = [
     "EchoMimicModels",
     "build_echomimic_models",
     "convert_echomimic_state_dicts",
-    "echomimic_generate_latents",
+    "build_echomimic_pipeline",
+    "load_echomimic_pipeline",
     "echomimic_scheduler",
 ]
 
@@ -170,7 +168,8 @@ class EchoMimicModels:
 
     @torch.no_grad()
     def predict(self, window: torch.Tensor, timestep, reference: ReferenceFeatures, inputs: dict) -> torch.Tensor:
-        """`(1, 4, f, h, w)` -> `(rows, 4, f, h, w)` velocity predictions (rows = 2 with guidance, uncond first)."""
+        """`(1, 4, f, h, w)` -> `(rows, 4, f, h, w)` velocity predictions (rows = 2 with guidance, uncond first):
+        one backbone call, for tests and tools (the pipeline's loop calls the backbone itself)."""
         rows = inputs["audio_tokens"].shape[0] // window.shape[2]
         sample = window.expand(rows, *window.shape[1:])
         return self.backbone(sample, timestep, reference_features=reference, return_dict=False, **inputs)[0]
@@ -334,87 +333,6 @@ def load_echomimic_weights(models: EchoMimicModels, converted: dict[str, dict[st
     return models
 
 
-# ----------------------------------------------------------------------------------------------------- sampling
-
-
-@torch.no_grad()
-def echomimic_generate_latents(
-    models: EchoMimicModels,
-    ref_latents: torch.Tensor,
-    face_mask: torch.Tensor,
-    whisper_features: torch.Tensor,
-    num_frames: int,
-    scheduler,
-    num_inference_steps: int = 30,
-    guidance_scale: float = 2.5,
-    fps: float = 24,
-    generator: torch.Generator | list[torch.Generator] | None = None,
-    mode: str = "fast",
-    context_frames: int = 12,
-    context_overlap: int = 3,
-    latents: torch.Tensor | None = None,
-    callback=None,
-) -> torch.Tensor:
-    """EchoMimic's sampler over our networks: `(1, 4, F, h, w)` final latents for `num_frames` frames.
-
-    `ref_latents (1, 4, h, w)` (VAE mean x 0.18215 of the cropped portrait), `face_mask (1, 1, H, W)` in [0, 1],
-    `whisper_features (N, L, 384)` at 50 Hz (`whisper_features`). The noise is `randn_tensor` of the video's shape
-    clamped to +-1.5 (pipeline_echo_mimic.py:170-173). `mode="parity"`: EchoMimic exactly, including its reference
-    bank rounded to fp16 and, for the plain (non-acc) variants at CFG <= 1, its sum of overlapping window
-    predictions without dividing; `mode="fast"`: reference keys/values projected once per video, the windows'
-    predictions always averaged, no fp16 bank rounding.
-    """
-    if mode not in ECHOMIMIC_MODES:
-        raise EMOInputError(f"EchoMimic mode must be one of {ECHOMIMIC_MODES}, got {mode!r}")
-    backbone = models.backbone
-    device, dtype = backbone.device, backbone.dtype
-    scheduler.set_timesteps(num_inference_steps, device=device)
-    h, w = ref_latents.shape[-2:]
-    if latents is None:
-        latents = randn_tensor((1, 4, num_frames, h, w), generator=generator, device=device, dtype=dtype)
-        latents = latents.clamp(-1.5, 1.5) * scheduler.init_noise_sigma
-    bank_dtype = models.bank_dtype
-    if mode == "fast":
-        models.bank_dtype = None
-    try:
-        reference = models.encode_reference(ref_latents.to(device, dtype))
-    finally:
-        models.bank_dtype = bank_dtype
-    if mode == "fast":
-        reference = backbone.prepare_reference(reference)
-    face = models.face_features(face_mask.to(device))
-    guided = guidance_scale > 1.0
-    features = whisper_features.to(device, dtype)
-
-    def predict(window: torch.Tensor, t, frames: list[int]) -> torch.Tensor:
-        tokens = whisper_frame_tokens(features, frames, fps)
-        return models.predict(window, t, reference, models.guidance_inputs(tokens, face, guided))
-
-    acc = isinstance(scheduler, EchoMimicAccScheduler)
-    return denoise_context_windows(
-        latents,
-        scheduler,
-        scheduler.timesteps,
-        predict,
-        guidance_scale=guidance_scale,
-        context_frames=context_frames,
-        context_overlap=context_overlap,
-        divide_unguided=(mode == "fast" or acc),
-        generator=generator,
-        callback=callback,
-    )
-
-
-@torch.no_grad()
-def decode_frames(vae, latents: torch.Tensor, chunk: int = 1):
-    """Yield `(n, 3, H, W)` frames in [0, 1] from `(1, 4, F, h, w)` latents, `chunk` frames per VAE call
-    (EchoMimic decodes one frame per call: pipeline_echo_mimic.py `decode_latents`)."""
-    frames = latents[0].permute(1, 0, 2, 3) / ECHOMIMIC_VAE_SCALE
-    for start in range(0, frames.shape[0], chunk):
-        decoded = vae.decode(frames[start : start + chunk].to(vae.dtype)).sample
-        yield (decoded / 2 + 0.5).clamp(0, 1).float()
-
-
 @torch.no_grad()
 def reference_latents(vae, crop_rgb: np.ndarray) -> torch.Tensor:
     """`(H, W, 3)` uint8 RGB crop -> `(1, 4, h, w)`: [-1, 1] pixels, VAE mean x 0.18215 (diffusers' image
@@ -422,3 +340,158 @@ def reference_latents(vae, crop_rgb: np.ndarray) -> torch.Tensor:
     pixels = torch.from_numpy(np.ascontiguousarray(crop_rgb)).float().permute(2, 0, 1)[None] / 255.0
     pixels = (pixels * 2 - 1).to(vae.device, vae.dtype)
     return vae.encode(pixels).latent_dist.mean * ECHOMIMIC_VAE_SCALE
+
+
+# ------------------------------------------------------------------------------------------ pipeline conversion
+
+# The release's `pretrained_weights/` folder (EchoMimic's README / configs/prompts/animation*.yaml), relative paths.
+ECHOMIMIC_LAYOUT = {
+    "unet_config": "sd-image-variations-diffusers/unet/config.json",
+    "base_unet": "sd-image-variations-diffusers/unet",
+    "vae": "sd-vae-ft-mse",
+    "whisper": "audio_processor/whisper_tiny.pt",
+}
+
+
+def _required(root: Path, relative: str, what: str) -> Path:
+    path = root / relative
+    if not path.exists():
+        raise EMOInputError(f"{path} is missing ({what}; EchoMimic's pretrained_weights/{relative})")
+    return path
+
+
+def load_release_file(path: Path, expected: str) -> dict[str, torch.Tensor]:
+    """A `.pth` state dict of the release, `torch.load(weights_only=True)`; a missing, truncated or foreign file is
+    an `EMOInputError` naming it."""
+    if not path.is_file():
+        raise EMOInputError(f"{path} is missing (EchoMimic's {expected})")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated archive, not a torch file, pickled code
+        raise EMOInputError(f"{path} cannot be read as a weights file ({type(error).__name__}: {error})") from error
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise EMOInputError(f"{path} is not a state dict of tensors (EchoMimic's {expected})")
+    return state
+
+
+def _base_state(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
+        path = folder / name
+        if path.is_file():
+            try:
+                if name.endswith(".safetensors"):
+                    return load_file(str(path))
+                return torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as error:
+                raise EMOInputError(f"{path} cannot be read ({type(error).__name__}: {error})") from error
+    raise EMOInputError(f"{folder} has no diffusion_pytorch_model.safetensors/.bin (the SD base UNet weights)")
+
+
+def _check_denoiser(state: dict, name: str) -> None:
+    if not any(k.startswith("conv_in.") for k in state) or not any("motion_modules" in k for k in state):
+        identify_checkpoint(state, name, "denoising UNet (conv_in.* and motion_modules.* keys)")
+
+
+def load_echomimic_pipeline(
+    pretrained_weights: str | os.PathLike, variant: str = "audio", torch_dtype: torch.dtype | None = None
+):
+    """The `EMOPipeline` of EchoMimic's release folder `pretrained_weights/` for `variant` (audio, acc, pose,
+    pose_acc; files: `ECHOMIMIC_VARIANTS`). EchoMimic's load order: the denoiser from the SD base weights, then the
+    motion module, then `denoising_unet*.pth` non-strictly; the ReferenceNet strictly; every key accounted for.
+    whisper-tiny's openai checkpoint becomes a transformers `WhisperEncoder`."""
+    from diffusers import AutoencoderKL
+    from transformers import WhisperFeatureExtractor
+
+    from emo_pipeline.echomimic_inputs import load_whisper_encoder
+
+    if variant not in ECHOMIMIC_VARIANTS:
+        raise EMOInputError(f"--variant must be one of {sorted(ECHOMIMIC_VARIANTS)}, got {variant!r}")
+    files = ECHOMIMIC_VARIANTS[variant]
+    root = Path(pretrained_weights).expanduser()
+    if not root.is_dir():
+        raise EMOInputError(f"--echomimic {root}: not a folder (EchoMimic's pretrained_weights/)")
+    unet_config = json.loads(_required(root, ECHOMIMIC_LAYOUT["unet_config"], "the UNet config").read_text())
+    vae_dir = _required(root, ECHOMIMIC_LAYOUT["vae"], "the VAE")
+    whisper = load_whisper_encoder(_required(root, ECHOMIMIC_LAYOUT["whisper"], "whisper-tiny"))
+    reference = load_release_file(root / files["reference_unet"], "reference UNet")
+    if not any(k.startswith("conv_in.") for k in reference) or any("motion_modules" in k for k in reference):
+        identify_checkpoint(reference, str(root / files["reference_unet"]), "reference UNet")
+    motion = load_release_file(root / files["motion_module"], "motion module")
+    if not motion or not all("motion_modules" in k for k in motion):
+        identify_checkpoint(motion, str(root / files["motion_module"]), "motion module (motion_modules.* keys only)")
+    denoiser = load_release_file(root / files["denoising_unet"], "denoising UNet")
+    _check_denoiser(denoiser, str(root / files["denoising_unet"]))
+    face_locator = load_release_file(root / files["face_locator"], "face locator")
+    if "conv_in.weight" not in face_locator or "conv_out.weight" not in face_locator or len(face_locator) > 64:
+        identify_checkpoint(face_locator, str(root / files["face_locator"]), "face locator")
+    base = _base_state(root / ECHOMIMIC_LAYOUT["base_unet"])
+    merged = merge_denoiser_state(base, motion, denoiser)
+    converted = convert_echomimic_state_dicts(reference, merged, face_locator)
+    layers = whisper.config.encoder_layers + 1
+    models = build_echomimic_models(unet_config, whisper_layers=layers, face_channels=files["face_channels"])
+    load_echomimic_weights(models, converted)
+    try:
+        vae = AutoencoderKL.from_pretrained(vae_dir)
+    except (OSError, ValueError) as error:
+        raise EMOInputError(f"cannot load the VAE of {vae_dir}: {error}") from error
+    metadata = {
+        "family": "echomimic",
+        "variant": variant,
+        "license": "apache-2.0",
+        "source": ECHOMIMIC_REPO,
+        "converted_from": {
+            "denoising_unet": files["denoising_unet"],
+            "reference_unet": files["reference_unet"],
+            "motion_module": files["motion_module"],
+            "face_locator": files["face_locator"],
+            "base_unet": ECHOMIMIC_LAYOUT["base_unet"],
+            "vae": ECHOMIMIC_LAYOUT["vae"],
+            "audio_encoder": ECHOMIMIC_LAYOUT["whisper"],
+            "unused_keys": sorted({k.rsplit(".", 2)[0] for k in converted["unused"]})[:8],
+        },
+        "base_model": "lambdalabs/sd-image-variations-diffusers",
+        "audio_encoder": "openai/whisper-tiny (encoder)",
+        "converted_with": f"emo-convert --echomimic pretrained_weights --variant {variant}",
+    }
+    pipe = build_echomimic_pipeline(
+        models, vae, whisper, WhisperFeatureExtractor(), echomimic_scheduler(acc=files["acc"]), metadata
+    )
+    if torch_dtype is not None:
+        pipe.to(dtype=torch_dtype)
+    return pipe
+
+
+def build_echomimic_pipeline(models: EchoMimicModels, vae, audio_encoder, feature_extractor, scheduler, metadata=None):
+    """An `EMOPipeline` running EchoMimic's networks: `models`, the SD VAE (sd-vae-ft-mse), whisper-tiny's encoder
+    (`WhisperEncoder`) and its feature extractor (unused by the front end, kept for a complete folder), and
+    EchoMimic's scheduler. Its `emo_metadata` carries EchoMimic's generation defaults for the variant."""
+    from emo_pipeline.pipeline_emo import EMOPipeline
+
+    if abs(vae.config.scaling_factor - ECHOMIMIC_VAE_SCALE) > 1e-9:
+        raise EMOInputError(
+            f"the VAE's scaling_factor is {vae.config.scaling_factor}, EchoMimic's weights use {ECHOMIMIC_VAE_SCALE}"
+        )
+    pipe = EMOPipeline(
+        vae=vae,
+        reference_net=models.reference_net,
+        unet=models.backbone,
+        audio_encoder=audio_encoder,
+        feature_extractor=feature_extractor,
+        scheduler=scheduler,
+    )
+    metadata = dict(metadata or {})
+    variant = ECHOMIMIC_VARIANTS[metadata.setdefault("variant", "audio")]
+    metadata["family"] = "echomimic"
+    metadata["generation_defaults"] = {
+        "height": 512,
+        "width": 512,
+        "fps": 24,
+        "num_frames_per_clip": 12,
+        "num_inference_steps": variant["num_inference_steps"],
+        "guidance_scale": variant["guidance_scale"],
+        **metadata.get("generation_defaults", {}),
+    }
+    pipe.emo_metadata = metadata
+    return pipe

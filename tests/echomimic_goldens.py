@@ -57,3 +57,38 @@ def golden_models():
     vae = AutoencoderKL.from_config(json.loads((GOLDEN / "vae_config.json").read_text()))
     vae.load_state_dict(parts["vae"])
     return models, vae.eval()
+
+
+def golden_pipeline(acc: bool = False):
+    """An `EMOPipeline` of the golden's networks (as `emo-convert --echomimic` builds it)."""
+    from transformers import WhisperFeatureExtractor
+
+    from emo_pipeline.echomimic import build_echomimic_pipeline, echomimic_scheduler
+    from emo_pipeline.echomimic_inputs import convert_whisper_checkpoint
+
+    models, vae = golden_models()
+    whisper = convert_whisper_checkpoint(release_state_dicts()["whisper"])
+    metadata = {"variant": "acc" if acc else "audio"}
+    return build_echomimic_pipeline(
+        models, vae, whisper, WhisperFeatureExtractor(), echomimic_scheduler(acc=acc), metadata
+    )
+
+
+def golden_call(pipe, run: str, **kwargs):
+    """The golden run's inputs as pipeline arguments: the portrait (RGB) with its face box, the track, the seed."""
+    meta, out = metadata(), outputs()
+    settings = meta["runs"][run]
+    args = {
+        "height": meta["size"],
+        "width": meta["size"],
+        "fps": meta["fps"],
+        "face_box": tuple(meta["face_box"]),
+        "num_inference_steps": settings["steps"],
+        "guidance_scale": settings["cfg"],
+        "generator": torch.manual_seed(meta["seed"]),
+        "watermark": False,
+        "output_type": "pt",
+        "decode_chunk_size": 1,
+        **kwargs,
+    }
+    return pipe(out["portrait_bgr"].numpy()[:, :, ::-1].copy(), out["audio"].numpy(), **args)
