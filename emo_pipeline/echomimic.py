@@ -1,4 +1,4 @@
-"""EchoMimic (antgroup/echomimic, Apache-2.0) weights in our classes, and its conversion (docs/echomimic_architecture.md).
+"""EchoMimic (antgroup/echomimic, Apache-2.0) weights in our classes (docs/echomimic_architecture.md).
 
 EchoMimic's networks are ours with other options: the backbone's attn2 attends to whisper-tiny tokens (width 384,
 no audio projection) and its output is scaled by 3.0; the ReferenceNet runs without attn2; a face locator with

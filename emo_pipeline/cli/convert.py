@@ -123,9 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                 pipe.set_scheduler(args.scheduler)
             write_atomically(pipe, output)
             print(f"wrote {output}")
-            print(
-                f"note: converted EchoMimic's {pipe.emo_metadata['variant']} weights (Apache-2.0, {pipe.emo_metadata['source']})"
-            )
+            metadata = pipe.emo_metadata
+            print(f"note: converted EchoMimic's {metadata['variant']} weights (Apache-2.0, {metadata['source']})")
             return _push(args, output)
         if hallo:
             from emo_pipeline.hallo import load_hallo_pipeline
