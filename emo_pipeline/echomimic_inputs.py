@@ -14,10 +14,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffusers import ModelMixin  # noqa: F401  (diffusers' loader looks the base classes up in this module)
+from transformers import PreTrainedModel  # noqa: F401
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
 from emo_pipeline.errors import EMOInputError
 
 __all__ = [
     "WHISPER_TINY_DIMS",
+    "WhisperAudioEncoder",
     "convert_whisper_checkpoint",
     "echomimic_face_crop",
     "echomimic_frame_count",
@@ -34,6 +39,11 @@ FEATURE_RATE = 50  # encoder steps per second
 WINDOW_BEFORE, WINDOW_AFTER = 2, 2  # audio2feature.py get_sliced_feature(audio_feat_length=[2, 2]): 2x2 + 3x2 steps
 # whisper-tiny's encoder (openai's `dims`): EchoMimic's feature width 384 is hard-coded (audio2feature.py:49).
 WHISPER_TINY_DIMS = {"n_mels": 80, "n_audio_ctx": 1500, "n_audio_state": 384, "n_audio_head": 6}
+
+
+class WhisperAudioEncoder(WhisperEncoder):
+    """transformers' `WhisperEncoder` (the encoder of `WhisperModel`) under a name diffusers can import from this
+    module when it loads a saved pipeline (transformers does not export `WhisperEncoder` at its top level)."""
 
 
 # ------------------------------------------------------------------------------------------------------- face
@@ -264,7 +274,6 @@ def convert_whisper_checkpoint(checkpoint: object, name: str = "whisper checkpoi
     (EchoMimic never runs it). A checkpoint whose encoder is not whisper-tiny's shape (80 mels, 1500 positions,
     width 384, 6 heads) is an `EMOInputError`: EchoMimic's feature width is 384."""
     from transformers import WhisperConfig
-    from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
     if not isinstance(checkpoint, dict) or "dims" not in checkpoint or "model_state_dict" not in checkpoint:
         kind = "a state dict" if isinstance(checkpoint, dict) else type(checkpoint).__name__
@@ -291,7 +300,7 @@ def convert_whisper_checkpoint(checkpoint: object, name: str = "whisper checkpoi
         decoder_ffn_dim=4 * 384,
         max_source_positions=1500,
     )
-    encoder = WhisperEncoder(config)  # the encoder of transformers' WhisperModel
+    encoder = WhisperAudioEncoder(config)
     converted, unplaced = {}, []
     for key, value in state.items():
         if key.startswith("decoder."):

@@ -352,6 +352,7 @@ def main() -> None:
         "long_audio_seconds": 40,
         "long_whisper_feature_shape": list(long_feature.shape),
         "long_whisper_stride": 97,
+        "frame_stride": FRAME_STRIDE,
         "sched_kwargs": OmegaConf.to_container(infer_config.noise_scheduler_kwargs),
         "runs": {},
         "weight_seed": WEIGHT_SEED,
