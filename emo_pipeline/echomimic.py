@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, SchedulerMixin, UNet2DConditionModel  # noqa: F401
+
 # (diffusers' loader looks the base classes of a saved component up in its module: SchedulerMixin for
 # EchoMimicAccScheduler)
-
 from emo_pipeline.errors import EMOInputError
 from emo_pipeline.models.attention import ReferenceFeatures
 from emo_pipeline.models.backbone import EMOUNet3DConditionModel

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from diffusers import ModelMixin  # noqa: F401  (diffusers' loader looks the base classes up in this module)
 from transformers import PreTrainedModel  # noqa: F401
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
