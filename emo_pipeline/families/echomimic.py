@@ -120,6 +120,11 @@ class EchoMimicFamily(Family):
                     f"mode='parity' is EchoMimic's own DDIM loop: the scheduler {type(self.pipe.scheduler).__name__} "
                     "cannot be used in it; use mode='fast' (every sampler) or pipe.set_scheduler('ddim')"
                 )
+        if self.pipe.unet.face_locator.config.in_channels != 1:
+            raise EMOInputError(
+                "this pipeline holds EchoMimic's pose weights (a 3-channel face locator fed with per-frame landmark "
+                "renders): generating with them (pose_video=) is not implemented yet; convert --variant audio or acc"
+            )
         if self.pipe.audio_encoder is None and own.whisper_features is None:
             raise EMOInputError("this pipeline has no whisper encoder (audio_encoder): pass whisper_features=")
 
