@@ -478,15 +478,16 @@ class EMOUNet3DConditionModel(UNetMotionModel):
             raise EMOInputError(f"speed must have shape (B, F) = {(batch, frames)} rad/s, got {tuple(speed.shape)}")
         if face_mask is not None:
             factor = self.face_locator.downscale_factor
-            expected_mask = (batch, 1, height * factor, width * factor)
+            channels = self.face_locator.config.in_channels  # 1 (EMO's mask); 3 (Hallo's face region image)
+            expected_mask = (batch, channels, height * factor, width * factor)
             if (
                 face_mask.ndim != 4
-                or face_mask.shape[1] != 1
+                or face_mask.shape[1] != channels
                 or tuple(face_mask.shape[2:]) != expected_mask[2:]
                 or batch % face_mask.shape[0]
             ):
                 raise EMOInputError(
-                    f"face_mask must have shape (B, 1, H, W) = {expected_mask}, got {tuple(face_mask.shape)}"
+                    f"face_mask must have shape (B, {channels}, H, W) = {expected_mask}, got {tuple(face_mask.shape)}"
                 )
         if reference_features is not None and reference_features.temporal:
             motion = reference_features.num_motion_frames
