@@ -30,6 +30,7 @@ from emo_pipeline.echomimic_inputs import (
 )
 from emo_pipeline.errors import EMOInputError
 from emo_pipeline.families.echomimic import echomimic_context_windows
+from emo_pipeline.pipeline_emo import SCHEDULERS
 
 
 @pytest.fixture(scope="module")
@@ -263,3 +264,47 @@ def test_other_families_settings_are_refused():
     pipe.set_scheduler("dpm++")
     with pytest.raises(EMOInputError, match="parity"):
         golden_call(pipe, "audio", mode="parity")
+
+
+# ------------------------------------------------------------------------------------ what the loop guarantees
+
+
+def _short_call(pipe, **kwargs):
+    """One window (the first 20 whisper steps: 12 frames), 2 steps."""
+    features = outputs()["whisper_feature"][:20]
+    options = {"num_inference_steps": 2, "output_type": "latent", "whisper_features": features, **kwargs}
+    return golden_call(pipe, "audio", **options).frames
+
+
+@pytest.fixture(scope="module")
+def audio_pipe():
+    pipe = golden_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_every_scheduler_runs_on_echomimic_weights_in_fast_mode(audio_pipe, name):
+    default = audio_pipe.scheduler
+    try:
+        audio_pipe.set_scheduler(name)
+        latents = _short_call(audio_pipe, mode="fast", eta=0.3)
+    finally:
+        audio_pipe.scheduler = default
+    assert latents.shape == (1, 4, 12, 12, 12) and torch.isfinite(latents).all()
+
+
+@pytest.mark.parametrize("offload", ["model", "group_leaf"])
+def test_offloading_echomimic_weights_gives_the_plain_latents(audio_pipe, offload):
+    """Under offload hooks the whisper tokens and face features (zeroed for the uncond row) are encoded inside the
+    backbone's forward and the reference keys/values are not cached: the same latents."""
+    expected = _short_call(audio_pipe, mode="fast")
+    pipe = golden_pipeline()
+    cpu = torch.device("cpu")
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device="cpu")
+    else:
+        pipe.enable_group_offload(
+            offload_type="leaf_level", onload_device=cpu, offload_device=cpu, num_blocks_per_group=1
+        )
+    torch.testing.assert_close(_short_call(pipe, mode="fast"), expected, atol=1e-4, rtol=0)
