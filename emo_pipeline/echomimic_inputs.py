@@ -116,14 +116,17 @@ def echomimic_face_crop(
 
 
 def detect_face_box(image_bgr: np.ndarray, device: str | torch.device = "cpu") -> np.ndarray | None:
-    """EchoMimic's detector: facenet-pytorch's MTCNN with its settings (infer_audio2vid.py:156), given the array as
-    EchoMimic gives it (BGR, from cv2.imread). Optional extra `echomimic` (install facenet-pytorch with --no-deps)."""
+    """EchoMimic's detector: facenet-pytorch's MTCNN with its settings (infer_audio2vid.py:160), given the array as
+    EchoMimic gives it (BGR, from cv2.imread), and its choice (`select_face`). facenet-pytorch pins torch<2.3 (install
+    it with --no-deps) and needs a torchvision that imports beside the installed torch; when it cannot be used this is
+    an `EMOInputError` saying so (PyPI's torchvision does not import beside torch 2.13: pass `face_box=` there)."""
     try:
         from facenet_pytorch import MTCNN
-    except ImportError as error:
+    except Exception as error:  # not installed, or its torchvision does not import beside this torch
         raise EMOInputError(
-            "EchoMimic's face detector needs facenet-pytorch (pip install --no-deps facenet-pytorch==2.5.3; it pins "
-            "torch<2.3 but runs on newer torch), or pass face_box=(x0, y0, x1, y1) in the portrait's pixels"
+            "EchoMimic's face detector (facenet-pytorch's MTCNN) cannot be used here "
+            f"({type(error).__name__}: {str(error)[:120]}): install facenet-pytorch with --no-deps and a torchvision "
+            "matching your torch, or pass face_box=(x0, y0, x1, y1) in the portrait's pixels"
         ) from error
     detector = MTCNN(
         image_size=320,
@@ -136,6 +139,15 @@ def detect_face_box(image_bgr: np.ndarray, device: str | torch.device = "cpu") -
     )
     boxes, probs = detector.detect(image_bgr)
     return select_face(boxes, probs)
+
+
+def fallback_face_box(image_rgb: np.ndarray) -> np.ndarray | None:
+    """The largest face of mediapipe's detector (`emo_pipeline.face.detect_faces`): fast mode's box when MTCNN is
+    unavailable. Not EchoMimic's detector: boxes differ by a few pixels, so frames differ from EchoMimic's."""
+    from emo_pipeline.face import detect_faces
+
+    faces = detect_faces(image_rgb)
+    return np.asarray(faces.boxes[0], dtype=np.float64) if len(faces.boxes) else None
 
 
 # ------------------------------------------------------------------------------------------------------ audio

@@ -308,3 +308,24 @@ def test_offloading_echomimic_weights_gives_the_plain_latents(audio_pipe, offloa
             offload_type="leaf_level", onload_device=cpu, offload_device=cpu, num_blocks_per_group=1
         )
     torch.testing.assert_close(_short_call(pipe, mode="fast"), expected, atol=1e-4, rtol=0)
+
+
+def test_without_a_face_box_parity_needs_echomimics_detector_and_fast_mode_finds_the_face(audio_pipe):
+    """MTCNN (facenet-pytorch) is EchoMimic's detector; without it parity mode asks for face_box=, fast mode takes
+    mediapipe's box."""
+    from emo_pipeline.testing import demo_assets
+
+    image, _ = demo_assets()
+    features = outputs()["whisper_feature"][:20]
+    options = {"height": 96, "width": 96, "num_inference_steps": 1, "output_type": "latent", "watermark": False}
+    options["whisper_features"] = features
+    audio = outputs()["audio"].numpy()
+    try:
+        import facenet_pytorch  # noqa: F401
+    except Exception:
+        with pytest.raises(EMOInputError, match="face_box"):
+            audio_pipe(str(image), audio, mode="parity", **options)
+    latents = audio_pipe(str(image), audio, mode="fast", **options).frames
+    assert latents.shape == (1, 4, 12, 12, 12)
+    box = audio_pipe.last_plan.portrait.face_box
+    assert box[2] > box[0] and box[3] > box[1]

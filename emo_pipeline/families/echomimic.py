@@ -2,7 +2,8 @@
 
 Conversion: `emo-convert --echomimic pretrained_weights [--variant audio|acc|pose|pose_acc]`
 (`emo_pipeline.echomimic.load_echomimic_pipeline`). Front end (`emo_pipeline.echomimic_inputs`): the face box
-(`face_box=` in the portrait's pixels, else facenet-pytorch's MTCNN as EchoMimic runs it) -> the crop (box grown by
+(`face_box=` in the portrait's pixels, else facenet-pytorch's MTCNN as EchoMimic runs it when it imports,
+else in fast mode mediapipe's largest face) -> the crop (box grown by
 50%, squared) and the face mask (box grown by 10%); whisper-tiny features of the whole track at 50 Hz (the mel
 normalised over the track, encoded in 30 s segments), 10 steps per frame. Schedule: joint context windows over the
 whole video (12 frames every 9, wrapping, shifted by 2 frames per step, overlaps averaged). Reference: the portrait
@@ -37,6 +38,7 @@ from emo_pipeline.echomimic import (
 from emo_pipeline.echomimic_inputs import (
     detect_face_box,
     echomimic_face_crop,
+    fallback_face_box,
     echomimic_frame_count,
     whisper_features,
     whisper_frame_tokens,
@@ -139,11 +141,15 @@ class EchoMimicFamily(Family):
         bgr = np.ascontiguousarray(rgb[:, :, ::-1])  # EchoMimic reads the portrait with cv2 (BGR)
         box = settings.face_box
         if box is None:
-            box = detect_face_box(bgr, device=self.pipe._execution_device)
+            try:
+                box = detect_face_box(bgr, device=self.pipe._execution_device)
+            except EMOInputError:
+                if own.mode == "parity":  # parity needs EchoMimic's own box: one pixel moves the frames
+                    raise
+                box = fallback_face_box(rgb)  # fast mode: mediapipe's box (not EchoMimic's detector)
             if box is None:
                 raise EMOInputError(
-                    f"no face found in the portrait {image!s:.100} (MTCNN, probability > 0.8): pass face_box="
-                    "(x0, y0, x1, y1) in its pixels"
+                    f"no face found in the portrait {image!s:.100}: pass face_box=(x0, y0, x1, y1) in its pixels"
                 )
         crop_bgr, mask = echomimic_face_crop(bgr, box, settings.width, settings.height)
         crop = np.ascontiguousarray(crop_bgr[:, :, ::-1])
