@@ -38,8 +38,8 @@ from emo_pipeline.echomimic import (
 from emo_pipeline.echomimic_inputs import (
     detect_face_box,
     echomimic_face_crop,
-    fallback_face_box,
     echomimic_frame_count,
+    fallback_face_box,
     whisper_features,
     whisper_frame_tokens,
 )
