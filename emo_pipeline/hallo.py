@@ -778,6 +778,7 @@ def load_hallo_pipeline(
         feature_extractor = Wav2Vec2FeatureExtractor.from_pretrained(wav2vec_dir)
     except (OSError, ValueError) as error:
         raise EMOInputError(f"cannot load a model of {root}: {error}") from error
+    vae.register_to_config(_name_or_path=HALLO_LAYOUT["vae"])  # not this machine's path (saved in vae/config.json)
     variant = "hallo2" if "hallo2" in net_path.parts else "hallo"
     # Portable: nothing of this machine is stored (no absolute path; the insightface models and the vocal separator
     # are given at call time, `face_analysis_dir=` / `vocal_separation=`). Paths are relative to pretrained_models/.

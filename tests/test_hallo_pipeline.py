@@ -270,3 +270,57 @@ def test_audio_features_in_chunks_give_the_same_video_and_serve_one_generation(p
     assert torch.equal(run(pipe, chunked, num_inference_steps=1), expected)
     with pytest.raises(EMOInputError, match="consumed by an earlier generation"):
         run(pipe, chunked, num_inference_steps=1)
+
+
+def test_a_converted_folder_works_after_being_moved_and_stores_nothing_of_the_machine(
+    converted: Path, release: Path, tmp_path
+) -> None:
+    """Portable: convert, move the folder elsewhere, load, generate. No path of the converting machine is stored
+    (the insightface models and the vocal separator are given at call time), and vocal separation is off."""
+    from emo_pipeline import EMOPipeline
+
+    stored = "".join(p.read_text() for p in converted.rglob("*.json")) + (converted / "README.md").read_text()
+    assert str(release) not in stored and str(converted) not in stored and str(Path.home()) not in stored
+    metadata = json.loads((converted / "emo_metadata.json").read_text())
+    assert "face_analysis_dir" not in metadata["generation_defaults"]
+    assert not any(key in metadata["generation_defaults"] for key in ("audio_separator_model", "vocal_separation"))
+    copy = tmp_path / "copy"
+    shutil.copytree(converted, copy)
+    moved = shutil.move(copy, tmp_path / "elsewhere" / "hallo-emo")
+    pipe = EMOPipeline.from_pretrained(moved)
+    pipe.set_progress_bar_config(disable=True)
+    data = golden("hallo")
+    frames = run(pipe, golden_conditioning(data["inputs"], 16), num_inference_steps=1)
+    assert frames.shape == (16, 3, SIZE, SIZE) and torch.isfinite(frames).all()
+
+
+def test_bad_face_analysis_vocal_separation_and_sampler_inputs_exit_2_naming_them(pipe, converted, tmp_path, capsys):
+    """A face-analysis folder that is missing or lacks a model, a vocal-separation model that does not exist, a
+    sampler parity mode cannot use: EMOInputError naming it (before any work), exit 2 from the CLI, no file."""
+    from emo_pipeline.cli.animate import main as animate
+
+    portrait, speech = demo_assets()
+    audio = np.zeros(16000, dtype=np.float32)
+    with pytest.raises(EMOInputError, match=r"face analysis folder .*no-such-dir.* does not exist"):
+        pipe(portrait, audio, height=SIZE, width=SIZE, face_analysis_dir=tmp_path / "no-such-dir")
+    partial = tmp_path / "face_analysis"
+    (partial / "models").mkdir(parents=True)
+    (partial / "models" / "scrfd_10g_bnkps.onnx").write_bytes(b"x")
+    with pytest.raises(EMOInputError, match=r"lacks them .*glintr100.onnx"):
+        pipe(portrait, audio, height=SIZE, width=SIZE, face_analysis_dir=partial)
+    embedding = np.zeros(512, dtype=np.float32)
+    with pytest.raises(EMOInputError, match=r"vocal_separation model .*Kim_Vocal_2.onnx.* does not exist"):
+        pipe(portrait, audio, height=SIZE, width=SIZE, face_embedding=embedding, vocal_separation="Kim_Vocal_2.onnx")
+    cases = [
+        (["--face-analysis-dir", str(partial)], "glintr100.onnx"),
+        (["--face-analysis-dir", str(partial.parent)], "face analysis folder"),
+        (["--vocal-separation", str(tmp_path / "Kim_Vocal_2.onnx"), "--face-analysis-dir", str(partial)], "onnx"),
+        (["--mode", "parity", "--scheduler", "dpm++", "--face-analysis-dir", str(partial)], "mode='parity'"),
+    ]
+    for index, (options, message) in enumerate(cases):
+        output = tmp_path / f"out{index}.mp4"
+        code = animate(
+            ["--model", str(converted), "--image", str(portrait), "--audio", str(speech), "--output", str(output)]
+            + ["--height", str(SIZE), "--steps", "1", "--no-progress", *options]
+        )
+        assert code == 2 and message in capsys.readouterr().err and not output.exists(), options
