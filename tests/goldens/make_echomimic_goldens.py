@@ -167,11 +167,11 @@ def load_function(src: Path, relative: str, name: str):
     return namespace[name]
 
 
-def face_crop_and_mask(src: Path, face_img: np.ndarray, box, probs, crop_and_pad):
+def face_crop_and_mask(src: Path, face_img: np.ndarray, box, probs, crop_and_pad, size: int = SIZE):
     """infer_audio2vid.py:196-223 restated line by line (inline in main(); args at their defaults)."""
     import cv2
 
-    facemusk_dilation_ratio, facecrop_dilation_ratio, W, H = 0.1, 0.5, SIZE, SIZE
+    facemusk_dilation_ratio, facecrop_dilation_ratio, W, H = 0.1, 0.5, size, size
     select_bbox = load_function(src, "infer_audio2vid.py", "select_face")(np.array([box]), np.array(probs))
     face_mask = np.zeros((face_img.shape[0], face_img.shape[1])).astype("uint8")
     if select_bbox is None:
