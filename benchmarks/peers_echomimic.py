@@ -151,12 +151,11 @@ def measure(call, counted, frames_of) -> tuple[dict, np.ndarray]:
 def worker_echomimic(args) -> dict:
     """EchoMimic's networks and Audio2VideoPipeline (its venv; shims of make_echomimic_goldens.py)."""
     sys.path.insert(0, str(args.echomimic_src))
+    import src.models.mutual_self_attention as msa
     from diffusers import AutoencoderKL, DDIMScheduler
     from omegaconf import OmegaConf
     from PIL import Image
     from safetensors.torch import save_file
-
-    import src.models.mutual_self_attention as msa
     from src.models.face_locator import FaceLocator
     from src.models.unet_2d_condition import UNet2DConditionModel
     from src.models.unet_3d_echo import EchoUNet3DConditionModel
@@ -369,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                 "s_per_frame": round(float(np.mean([r["s_per_frame"] for r in chosen])), 3),
                 "frame_evaluations_per_frame": chosen[0]["frame_evaluations_per_frame"],
                 "peak_above_start_mb": max(r["peak_above_start_mb"] for r in chosen),
-                "max_abs_diff_to_echomimic": max((r.get("max_abs_diff_to_echomimic", 0.0) for r in chosen)),
+                "max_abs_diff_to_echomimic": max(r.get("max_abs_diff_to_echomimic", 0.0) for r in chosen),
             }
         for side in ("parity", "fast"):
             by_side[side]["time_ratio_to_echomimic"] = round(
