@@ -14,8 +14,6 @@ chunks.
 from __future__ import annotations
 
 import json
-import math
-import numbers
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -48,7 +46,7 @@ from emo_pipeline.models.identity import IdentityProjection
 from emo_pipeline.models.reference_net import ReferenceNet
 from emo_pipeline.models.step_cache import check_step_cache_interval, with_step_cache
 from emo_pipeline.sampling import sample_clips, sample_windows
-from emo_pipeline.settings import GenerationSettings, takes_generation_settings
+from emo_pipeline.settings import GenerationSettings, check_generation_numbers, takes_generation_settings
 
 __all__ = ["SCHEDULERS", "EMOPipeline", "EMOPipelineOutput", "GenerationSettings"]
 
@@ -84,18 +82,14 @@ class EMOPipelineOutput(BaseOutput):
     face_mask: np.ndarray
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     """Audio-driven portrait video generation with EMO.
 
     Components: `vae` (frozen SD VAE), `reference_net` (`ReferenceNet`), `unet` (`EMOUNet3DConditionModel`),
     `audio_encoder` (`Wav2Vec2Model`), `feature_extractor` (`Wav2Vec2FeatureExtractor`), `scheduler` (any diffusers
     scheduler with `set_timesteps`/`step`; DDIM by default), and `identity_proj` (`IdentityProjection`, optional:
-    only pipelines converted from Hallo / Hallo2 weights have one, see `emo_pipeline.hallo.build_hallo_pipeline`;
-    `pipe.is_hallo` tells).
+    only pipelines converted from Hallo / Hallo2 weights have one, see
+    `emo_pipeline.hallo_conversion.build_hallo_pipeline`; `pipe.is_hallo` tells).
 
     Generate with `pipe(image, audio, ...)` (the whole video in memory), `pipe.iter_clips(...)` (clip by clip) or
     `pipe.write_video(path, ...)` (streamed to an mp4); they share the keyword arguments of `GenerationSettings`.
@@ -342,15 +336,15 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             )
         if height <= 0 or height % self.vae_scale_factor:
             raise EMOInputError(f"height/width must be a positive multiple of {self.vae_scale_factor}, got {height}")
-        if not (isinstance(fps, numbers.Real) and not isinstance(fps, bool) and math.isfinite(fps) and fps > 0):
-            raise EMOInputError(f"fps must be a positive number, got {fps!r}")
-        if not _is_int(num_frames_per_clip) or num_frames_per_clip < 1:
-            raise EMOInputError(f"num_frames_per_clip must be an int >= 1, got {num_frames_per_clip!r}")
-        if not _is_int(num_motion_frames) or not 0 <= num_motion_frames <= num_frames_per_clip:
-            raise EMOInputError(
-                f"num_motion_frames must be an int in [0, num_frames_per_clip = {num_frames_per_clip}] (motion frames "
-                f"are the previous clip's last frames), got {num_motion_frames!r}"
-            )
+        check_generation_numbers(
+            fps,
+            num_frames_per_clip,
+            num_motion_frames,
+            num_inference_steps,
+            guidance_scale,
+            output_type,
+            decode_chunk_size,
+        )
         limit = self.unet.config.motion_max_seq_length
         if num_motion_frames + num_frames_per_clip > limit:
             raise EMOInputError(
@@ -358,14 +352,6 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 f"{num_motion_frames + num_frames_per_clip} exceeds the temporal layers' positional table "
                 f"(motion_max_seq_length = {limit})"
             )
-        if not _is_int(num_inference_steps) or num_inference_steps < 1:
-            raise EMOInputError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
-        if not (isinstance(guidance_scale, numbers.Real) and math.isfinite(guidance_scale) and guidance_scale >= 0):
-            raise EMOInputError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
-        if output_type not in ("np", "pil", "pt", "latent"):
-            raise EMOInputError(f"output_type must be one of 'np', 'pil', 'pt', 'latent', got {output_type!r}")
-        if not _is_int(decode_chunk_size) or decode_chunk_size < 1:
-            raise EMOInputError(f"decode_chunk_size must be an int >= 1, got {decode_chunk_size!r}")
         if callback_on_step_end is not None and not callable(callback_on_step_end):
             raise EMOInputError(
                 f"callback_on_step_end must be callable (pipe, step, timestep, tensors) -> dict, got "

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
+import numbers
 import re
 import textwrap
 import typing
@@ -22,7 +24,9 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
-__all__ = ["GenerationSettings", "takes_generation_settings"]
+from emo_pipeline.errors import EMOInputError
+
+__all__ = ["GenerationSettings", "check_generation_numbers", "takes_generation_settings"]
 
 
 @dataclass
@@ -191,3 +195,36 @@ def takes_generation_settings(method: Callable) -> Callable:
     wrapper.__signature__ = signature
     wrapper.__doc__ = doc
     return wrapper
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_generation_numbers(
+    fps: Any,
+    num_frames_per_clip: Any,
+    num_motion_frames: Any,
+    num_inference_steps: Any,
+    guidance_scale: Any,
+    output_type: Any,
+    decode_chunk_size: Any,
+) -> None:
+    """Raise `EMOInputError` naming the first of these settings that is not a usable value (any model)."""
+    if not (isinstance(fps, numbers.Real) and not isinstance(fps, bool) and math.isfinite(fps) and fps > 0):
+        raise EMOInputError(f"fps must be a positive number, got {fps!r}")
+    if not _is_int(num_frames_per_clip) or num_frames_per_clip < 1:
+        raise EMOInputError(f"num_frames_per_clip must be an int >= 1, got {num_frames_per_clip!r}")
+    if not _is_int(num_motion_frames) or not 0 <= num_motion_frames <= num_frames_per_clip:
+        raise EMOInputError(
+            f"num_motion_frames must be an int in [0, num_frames_per_clip = {num_frames_per_clip}] (motion frames "
+            f"are the previous clip's last frames), got {num_motion_frames!r}"
+        )
+    if not _is_int(num_inference_steps) or num_inference_steps < 1:
+        raise EMOInputError(f"num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
+    if not (isinstance(guidance_scale, numbers.Real) and math.isfinite(guidance_scale) and guidance_scale >= 0):
+        raise EMOInputError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+    if output_type not in ("np", "pil", "pt", "latent"):
+        raise EMOInputError(f"output_type must be one of 'np', 'pil', 'pt', 'latent', got {output_type!r}")
+    if not _is_int(decode_chunk_size) or decode_chunk_size < 1:
+        raise EMOInputError(f"decode_chunk_size must be an int >= 1, got {decode_chunk_size!r}")

@@ -18,7 +18,8 @@ from hallo_goldens import GOLDENS, golden, golden_conditioning
 
 from emo_pipeline.cli.convert import main as convert
 from emo_pipeline.errors import EMOInputError
-from emo_pipeline.hallo import HALLO_LAYOUT, HalloConditioning
+from emo_pipeline.hallo import HalloConditioning
+from emo_pipeline.hallo_conversion import HALLO_LAYOUT
 from emo_pipeline.testing import demo_assets
 
 SIZE = 64
@@ -222,18 +223,24 @@ def test_hallo_and_sd15_sources_are_exclusive(tmp_path, capsys) -> None:
 def test_a_portrait_and_a_track_go_through_hallos_front_end_into_an_mp4(pipe, converted: Path, tmp_path) -> None:
     """The whole path with the converted folder: face crop, landmarks -> Hallo's masks, wav2vec2 interpolated before
     its transformer, both modes, streamed to an mp4 (the insightface embedding passed, no models offline)."""
+    import wave
+
     import av
 
     from emo_pipeline.cli.animate import main as animate
 
-    portrait, speech = demo_assets()
+    portrait, full_speech = demo_assets()
+    speech = tmp_path / "speech.wav"  # the demo track's first 0.7 s: 18 frames, 2 clips
+    with wave.open(str(full_speech)) as source, wave.open(str(speech), "wb") as target:
+        target.setparams(source.getparams())
+        target.writeframes(source.readframes(int(source.getframerate() * 0.7)))
     embedding = np.random.default_rng(0).standard_normal(512).astype(np.float32)
     settings = {"height": SIZE, "width": SIZE, "num_inference_steps": 1, "face_embedding": embedding}
     path = pipe.write_video(tmp_path / "fast.mp4", portrait, speech, **settings)
     plan = pipe.last_plan
-    assert plan.num_frames == 85 and plan.num_clips == 6  # ceil(3.37 s * 25); 16 frames per clip (Hallo's default)
+    assert plan.num_frames == 18 and plan.num_clips == 2  # ceil(0.7 s * 25); 16 frames per clip (Hallo's default)
     with av.open(str(path)) as container:
-        assert container.streams.video[0].frames == 85 and container.streams.audio
+        assert container.streams.video[0].frames == 18 and container.streams.audio
     np.save(tmp_path / "embedding.npy", embedding)
     output = tmp_path / "parity.mp4"
     code = animate(
@@ -324,3 +331,33 @@ def test_bad_face_analysis_vocal_separation_and_sampler_inputs_exit_2_naming_the
             + ["--height", str(SIZE), "--steps", "1", "--no-progress", *options]
         )
         assert code == 2 and message in capsys.readouterr().err and not output.exists(), options
+
+
+def test_vocal_separation_is_opt_in_and_runs_at_the_tracks_own_rate(pipe, tmp_path, monkeypatch) -> None:
+    """Hallo separates the vocals of the file as it is (here 44.1 kHz), then resamples them to 16 kHz; without
+    `vocal_separation` nothing is separated."""
+    import wave
+
+    from emo_pipeline import hallo_inputs
+
+    rate, seconds = 44100, 0.5
+    samples = (np.random.default_rng(0).standard_normal(int(rate * seconds)) * 3000).astype(np.int16)
+    track = tmp_path / "speech.wav"
+    with wave.open(str(track), "wb") as file:
+        file.setnchannels(1), file.setsampwidth(2), file.setframerate(rate), file.writeframes(samples.tobytes())
+    model = tmp_path / "Kim_Vocal_2.onnx"
+    model.write_bytes(b"stand-in")
+    calls = []
+
+    def separate(audio, sample_rate, model_dir, model_name, *, output_sample_rate=None):
+        calls.append((len(audio), sample_rate, Path(model_dir) / model_name, output_sample_rate))
+        return np.zeros(int(seconds * output_sample_rate), dtype=np.float32)
+
+    monkeypatch.setattr(hallo_inputs, "separate_vocals", separate)
+    portrait, _ = demo_assets()
+    options = {"height": SIZE, "width": SIZE, "num_inference_steps": 1, "output_type": "latent", "watermark": False}
+    options["face_embedding"] = np.zeros(512, dtype=np.float32)
+    pipe(portrait, track, **options)
+    assert calls == []  # opt-in
+    pipe(portrait, track, vocal_separation=model, **options)
+    assert calls == [(int(rate * seconds), rate, model, 16000)]

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: converted EchoMimic's {metadata['variant']} weights (Apache-2.0, {metadata['source']})")
             return _push(args, output)
         if hallo:
-            from emo_pipeline.hallo import load_hallo_pipeline
+            from emo_pipeline.hallo_conversion import load_hallo_pipeline
 
             pipe = load_hallo_pipeline(args.hallo, args.net, torch_dtype=dtype)
             if args.scheduler != "ddim":

@@ -5,7 +5,7 @@ A family (native EMO, Hallo / Hallo2, EchoMimic, ...) is one small module under 
 
 * which pipelines are its own (`Family.matches`: read from the converted folder's metadata or the backbone config),
   and how its release layout converts (`Family.convert_option`: the `emo-convert --<family>` option; the converter
-  itself lives beside the family's network code, e.g. `emo_pipeline.hallo.load_hallo_pipeline`);
+  itself lives beside the family's network code, e.g. `emo_pipeline.hallo_conversion.load_hallo_pipeline`);
 * its own generation settings (`Family.settings`, a dataclass documented with the family): the pipeline's methods
   take them as `**family_settings`; another family's are refused (`bind_settings`);
 * its conditioning front end and schedule (`Family.prepare`): portrait + track -> a `Plan` (what the video is) and a
@@ -151,8 +151,11 @@ class WindowRun(Protocol):
         noise = run.combine(noise, count, guided)        # default: noise / count (a family may keep a peer's quirk)
         latents = scheduler.step(noise, timestep, latents); callback(latents)
 
-    then `run.decode_frames(latents)` -> frames or None (the pipeline then decodes the latents in chunks, streamed).
-    `latent_shape` is `(1, C, num_frames, h, w)`; the noise is drawn once for the whole video.
+    The noise is drawn once for the whole video (`latent_shape` `(1, C, num_frames, h, w)`) and passed through
+    `run.transform_noise` (EchoMimic clamps it to +-1.5). Then the pipeline decodes the latents clip by clip in chunks
+    and streams them (every frame's latents are held; nothing else per frame). The family's `Plan.num_clips` is the
+    number of decode chunks of `num_frames_per_clip` frames. `tests/test_sampling.py` drives one over the tiny EMO
+    backbone (`EMOWindowRun`): a worked example of the whole protocol.
     """
 
     latent_shape: tuple[int, ...]

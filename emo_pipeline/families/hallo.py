@@ -1,13 +1,14 @@
 """Hallo / Hallo2 weights (fudan-generative-vision/hallo, hallo2) through the one sampling loop.
 
-Conversion: `emo-convert --hallo pretrained_models [--net hallo2/net.pth]` (`emo_pipeline.hallo.load_hallo_pipeline`;
-the networks are EMO's classes with Hallo's options, docs/hallo_architecture.md). Front end
-(`emo_pipeline.hallo_inputs`): face landmarks -> face region and (full, face, lip) masks, the insightface identity
-embedding (or `face_embedding`), wav2vec2 features interpolated before its transformer (per Hallo2 segment with
-`audio_segment_seconds`), optionally the vocals only (`vocal_separation`). Schedule: autoregressive clips (16 frames,
-2 motion frames by default). Reference: the portrait and the motion frames through the ReferenceNet with the identity
-tokens as its attn2 context. Unconditional branch: zero audio tokens and face features, no reference tokens, the
-projection of a zero identity embedding (Hallo's recipe). Modes (`HalloSettings.mode`):
+Conversion: `emo-convert --hallo pretrained_models [--net hallo2/net.pth]`
+(`emo_pipeline.hallo_conversion.load_hallo_pipeline`; the networks are EMO's classes with Hallo's options,
+docs/hallo_architecture.md). Front end (`emo_pipeline.hallo_inputs`): face landmarks -> face region and (full, face,
+lip) masks, the insightface identity embedding (or `face_embedding`), wav2vec2 features interpolated before its
+transformer (per Hallo2 segment with `audio_segment_seconds`), optionally the vocals only (`vocal_separation`).
+Schedule: autoregressive clips (16 frames, 2 motion frames by default). Reference: the portrait and the motion frames
+through the ReferenceNet with the identity tokens as its attn2 context. Unconditional branch: zero audio tokens and
+face features, no reference tokens, the projection of a zero identity embedding (Hallo's recipe). Modes
+(`HalloSettings.mode`):
 
 * "fast" (default): the same networks with nothing computed twice: the portrait through the ReferenceNet once per
   video (its keys/values projected once), only the motion frames per clip, taken from the previous clip's latents
