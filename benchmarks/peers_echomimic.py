@@ -254,11 +254,11 @@ def worker_ours(args) -> dict:
 
     from emo_pipeline.echomimic import (
         build_echomimic_models,
-        build_echomimic_pipeline,
         convert_echomimic_state_dicts,
         echomimic_scheduler,
         load_echomimic_weights,
     )
+    from emo_pipeline.echomimic_conversion import build_echomimic_pipeline
     from emo_pipeline.echomimic_inputs import convert_whisper_checkpoint
 
     work = Path(args.work)

@@ -63,7 +63,8 @@ def golden_pipeline(acc: bool = False):
     """An `EMOPipeline` of the golden's networks (as `emo-convert --echomimic` builds it)."""
     from transformers import WhisperFeatureExtractor
 
-    from emo_pipeline.echomimic import build_echomimic_pipeline, echomimic_scheduler
+    from emo_pipeline.echomimic import echomimic_scheduler
+    from emo_pipeline.echomimic_conversion import build_echomimic_pipeline
     from emo_pipeline.echomimic_inputs import convert_whisper_checkpoint
 
     models, vae = golden_models()

@@ -20,7 +20,8 @@ from echomimic_goldens import (
 )
 from safetensors.torch import save_file
 
-from emo_pipeline.echomimic import ECHOMIMIC_VARIANTS, load_echomimic_pipeline, reference_latents
+from emo_pipeline.echomimic import ECHOMIMIC_VARIANTS, reference_latents
+from emo_pipeline.echomimic_conversion import load_echomimic_pipeline
 from emo_pipeline.echomimic_inputs import (
     convert_whisper_checkpoint,
     echomimic_face_crop,

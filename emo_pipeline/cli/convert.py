@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     try:
         if echomimic:
-            from emo_pipeline.echomimic import load_echomimic_pipeline
+            from emo_pipeline.echomimic_conversion import load_echomimic_pipeline
 
             pipe = load_echomimic_pipeline(args.echomimic, args.variant or "audio", torch_dtype=dtype)
             if args.scheduler != "ddim":
