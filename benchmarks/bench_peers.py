@@ -2,6 +2,7 @@
 
     python benchmarks/bench_peers.py --hallo-src /tmp/hallo-src                 # SD1.5-shaped, 128 px, the json below
     python benchmarks/bench_peers.py --hallo-src /tmp/hallo-src --tiny --output /tmp/peers_tiny.json   # 64 px, quick
+    python benchmarks/bench_peers.py --echomimic-src /tmp/echomimic   # EchoMimic: benchmarks/peers_echomimic.py
 
 Hallo (fudan-generative-vision/hallo, MIT; commit 8fd7c572) is imported at run time from ``--hallo-src`` with the
 shims of ``tests/goldens/make_hallo_goldens.py`` (stub ``xformers``, diffusers 0.27's gradient-checkpointing switch,
@@ -636,6 +637,11 @@ def write(result: dict, path: Path) -> None:
 
 
 def main() -> int:
+    if "--echomimic-src" in sys.argv:  # EchoMimic's loop against ours: benchmarks/peers_echomimic.py
+        sys.path.insert(0, str(Path(__file__).parent))
+        from peers_echomimic import main as echomimic_main
+
+        return echomimic_main(sys.argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hallo-src", type=Path, help="a checkout of fudan-generative-vision/hallo")
     parser.add_argument("--resummarise", type=Path, help="recompute the summary of this json and print its table")

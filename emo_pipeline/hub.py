@@ -132,11 +132,30 @@ HALLO_LICENSE_NOTE = (
 )
 
 
+ECHOMIMIC_LICENSE_NOTE = (
+    "The weights are converted unchanged from EchoMimic's release ({source}, variant `{variant}`), whose code and "
+    "weights are released under the Apache-2.0 licence. They build on sd-image-variations-diffusers (Stable "
+    "Diffusion, CreativeML OpenRAIL-M, with its use restrictions), sd-vae-ft-mse and OpenAI's whisper-tiny encoder "
+    "(MIT). emo-pipeline's own code is Apache-2.0."
+)
+
+
+def _is_echomimic(metadata: dict) -> bool:
+    return metadata.get("family") == "echomimic"
+
+
 def _is_hallo(metadata: dict) -> bool:
     return metadata.get("family") in ("hallo", "hallo2")
 
 
 def _training_section(metadata: dict) -> str:
+    if _is_echomimic(metadata):
+        return (
+            "## Training data and stages\n\n"
+            f"Trained by EchoMimic's authors ({metadata.get('source')}) on their talking-head data; converted "
+            f"unchanged with `{metadata.get('converted_with', 'emo-convert --echomimic')}` (every key placed or named "
+            "as unused, outputs equal to their code's: tests/test_echomimic.py)."
+        )
     if _is_hallo(metadata):
         family = "Hallo2" if metadata["family"] == "hallo2" else "Hallo"
         return (
@@ -215,6 +234,8 @@ def build_model_card(metadata: dict | None = None, repo_id: str | None = None) -
     if _is_hallo(metadata):
         family = "Hallo2" if metadata["family"] == "hallo2" else "Hallo"
         licence_text = HALLO_LICENSE_NOTE.format(family=family, source=metadata.get("source"))
+    elif _is_echomimic(metadata):
+        licence_text = ECHOMIMIC_LICENSE_NOTE.format(source=metadata.get("source"), variant=metadata.get("variant"))
     else:
         licence_text = (
             "The weights inherit the licence of the base model (Stable Diffusion 1.5: CreativeML OpenRAIL-M, with its "
@@ -232,6 +253,11 @@ def build_model_card(metadata: dict | None = None, repo_id: str | None = None) -
     )
     if metadata.get("converted_with"):
         provenance += f"\n- Converted with: {metadata['converted_with']}"
+    if _is_echomimic(metadata):
+        provenance = (
+            f"- Weights: EchoMimic's released `{metadata.get('variant')}` weights ({metadata.get('source')}): "
+            "ReferenceNet, denoising UNet with motion modules, face locator; whisper-tiny's encoder\n" + provenance
+        )
     if _is_hallo(metadata):
         provenance = (
             f"- Weights: {metadata['family']}'s released `net.pth` ({metadata.get('source')}): ReferenceNet, backbone "

@@ -5,6 +5,7 @@ Hallo2's released weights -> a trained one.
         --motion-adapter guoyww/animatediff-motion-adapter-v1-5-2 --output emo-untrained
     emo-convert --hallo pretrained_models --output hallo-emo                       # Hallo
     emo-convert --hallo pretrained_models --net hallo2/net.pth --output hallo2-emo  # Hallo2
+    emo-convert --echomimic pretrained_weights --variant acc --output echomimic-acc  # EchoMimic
 
 Each source is a local path or a Hub id. `--sd15` may be a single-file checkpoint (.safetensors/.ckpt); offline,
 pass `--sd15-config` = a local diffusers SD1.5 folder whose configs and tokenizer are used. The folder is written
@@ -41,6 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
         "trained weights (see README: Use Hallo / Hallo2 weights)",
     )
     parser.add_argument(
+        "--echomimic", metavar="DIR", help="EchoMimic's pretrained_weights/ folder (antgroup/echomimic release)"
+    )
+    parser.add_argument(
+        "--variant",
+        choices=("audio", "acc", "pose", "pose_acc"),
+        help="with --echomimic: which weights (default audio; acc: 6 steps without guidance)",
+    )
+    parser.add_argument(
         "--net", metavar="PATH", help="with --hallo: net.pth to load (default hallo/net.pth; Hallo2: hallo2/net.pth)"
     )
     parser.add_argument(
@@ -69,10 +78,19 @@ def main(argv: list[str] | None = None) -> int:
         return int(exit_request.code or 0)
 
     hallo = args.hallo is not None
-    if hallo == (args.sd15 is not None or args.wav2vec2 is not None) or (
-        not hallo and (args.sd15 is None or args.wav2vec2 is None)
-    ):
-        print("emo-convert: error: pass either --hallo DIR, or both --sd15 and --wav2vec2", file=sys.stderr)
+    echomimic = args.echomimic is not None
+    native = args.sd15 is not None or args.wav2vec2 is not None
+    if hallo + echomimic + native != 1 or (native and (args.sd15 is None or args.wav2vec2 is None)):
+        print(
+            "emo-convert: error: pass one of --hallo DIR, --echomimic DIR, or both --sd15 and --wav2vec2",
+            file=sys.stderr,
+        )
+        return 2
+    if args.variant is not None and not echomimic:
+        print("emo-convert: error: --variant goes with --echomimic", file=sys.stderr)
+        return 2
+    if echomimic and (args.motion_adapter is not None or args.sd15_config is not None or args.net is not None):
+        print("emo-convert: error: --motion-adapter/--sd15-config/--net do not apply to --echomimic", file=sys.stderr)
         return 2
     if args.net is not None and not hallo:
         print("emo-convert: error: --net goes with --hallo", file=sys.stderr)
@@ -97,6 +115,17 @@ def main(argv: list[str] | None = None) -> int:
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     try:
+        if echomimic:
+            from emo_pipeline.echomimic_conversion import load_echomimic_pipeline
+
+            pipe = load_echomimic_pipeline(args.echomimic, args.variant or "audio", torch_dtype=dtype)
+            if args.scheduler != "ddim":
+                pipe.set_scheduler(args.scheduler)
+            write_atomically(pipe, output)
+            print(f"wrote {output}")
+            metadata = pipe.emo_metadata
+            print(f"note: converted EchoMimic's {metadata['variant']} weights (Apache-2.0, {metadata['source']})")
+            return _push(args, output)
         if hallo:
             from emo_pipeline.hallo_conversion import load_hallo_pipeline
 

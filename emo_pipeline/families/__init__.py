@@ -18,6 +18,7 @@ __all__ = ["FAMILIES", "Family", "all_families", "family_of"]
 # name -> "module:class". Checked in order; the last (native EMO) matches every pipeline no other family claims.
 FAMILIES: dict[str, str] = {
     "hallo": "emo_pipeline.families.hallo:HalloFamily",
+    "echomimic": "emo_pipeline.families.echomimic:EchoMimicFamily",
     "emo": "emo_pipeline.families.emo:EMOFamily",
 }
 

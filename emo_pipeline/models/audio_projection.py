@@ -30,8 +30,20 @@ class AudioProjection(ModelMixin, ConfigMixin):
         hidden_dim: int = 512,
         output_dim: int = 768,  # SD1.5 text-context width, so attn2 keeps its weights
         activation: str = "silu",  # "silu" (EMO) or "relu" (Hallo's AudioProjModel)
+        passthrough: bool = False,
     ):
+        """`passthrough=True`: no MLP, no weights; each frame's `window_size x num_layers` feature vectors are its
+        tokens (EchoMimic: 10 whisper steps x (blocks + 1) vectors of width 384, `num_tokens` and `output_dim` are
+        then `window_size * num_layers` and `audio_dim`)."""
         super().__init__()
+        if passthrough:
+            if num_tokens != window_size * num_layers or output_dim != audio_dim:
+                raise ValueError(
+                    "a passthrough audio projection has num_tokens = window_size * num_layers and output_dim = "
+                    f"audio_dim, got num_tokens={num_tokens}, output_dim={output_dim}"
+                )
+            self.mlp = self.norm = None
+            return
         activations = {"silu": nn.SiLU, "relu": nn.ReLU}
         if activation not in activations:
             raise ValueError(f"activation must be one of {sorted(activations)}, got {activation!r}")
@@ -57,6 +69,8 @@ class AudioProjection(ModelMixin, ConfigMixin):
                 f"{', '.join(map(str, self.expected_feature_shape))}), got {tuple(audio_features.shape)}"
             )
         batch, frames = audio_features.shape[:2]
+        if self.config.passthrough:
+            return audio_features.reshape(batch * frames, self.config.num_tokens, self.config.output_dim)
         flat = audio_features.reshape(batch * frames, -1)
         tokens = self.mlp(flat).reshape(batch * frames, self.config.num_tokens, self.config.output_dim)
         return self.norm(tokens)

@@ -74,6 +74,7 @@ class EMOUNet3DConditionModel(UNetMotionModel):
         temporal_norm: str = "across_frames",
         disabled_temporal_layers: list[str] | None = None,
         audio_module_config: dict | None = None,
+        audio_attention_scale: float = 1.0,
         **kwargs,
     ):
         """EMO's own fields plus the options of other checkpoint families (defaults: EMO; DESIGN section 6):
@@ -86,6 +87,8 @@ class EMOUNet3DConditionModel(UNetMotionModel):
         `temporal_norm`: "across_frames" (diffusers / EMO) or "per_frame" (original AnimateDiff, Hallo).
         `disabled_temporal_layers`: temporal layers that are loaded but act as the identity (Hallo never runs
         `down_blocks.3.motion_modules.*` and `up_blocks.0.motion_modules.*`).
+        `audio_attention_scale`: factor on the output of every spatial attn2 before its residual add (EchoMimic: 3.0,
+        its `audio_feature_ratio`; the bias of `to_out` is scaled too, as in EchoMimic).
         """
         if audio_attention not in ("attn2", "audio_modules"):
             raise ValueError(f"audio_attention must be 'attn2' or 'audio_modules', got {audio_attention!r}")
@@ -134,6 +137,10 @@ class EMOUNet3DConditionModel(UNetMotionModel):
             self.register_to_config(audio_module_config=audio_module_config)
         self._install_emo_processors()
         self.conv_in.register_forward_hook(FaceFeaturesHook(self._conditioning))
+        if audio_attention_scale != 1.0:
+            for name, module in self.named_modules():
+                if name.endswith(".attn2") and "motion_modules" not in name and isinstance(module, Attention):
+                    module.register_forward_hook(ScaleOutput(audio_attention_scale))
 
     def _add_audio_modules(self, config: dict) -> dict:
         """A `RegionAudioTransformer` after every spatial transformer (`X.audio_modules.j` after `X.attentions.j`)."""
@@ -178,6 +185,7 @@ class EMOUNet3DConditionModel(UNetMotionModel):
         temporal_norm="across_frames",
         disabled_temporal_layers=None,
         audio_module_config=None,
+        audio_attention_scale=1.0,
     )
     __init__ = register_to_config(__init__)
 
@@ -504,6 +512,17 @@ class FaceFeaturesHook:
         face = broadcast_batch(state.face_features.to(output.dtype), output.shape[0] // state.num_frames, "face_mask")
         state.mark("conv_in")
         return output + face.repeat_interleave(state.num_frames, dim=0)
+
+
+class ScaleOutput:
+    """Forward hook of an attention module: its output times a constant (EchoMimic's attn2 `audio_feature_ratio`).
+    A module hook, not a processor, so every attention processor (and `torch.compile`) keeps it."""
+
+    def __init__(self, scale: float):
+        self.scale = scale
+
+    def __call__(self, module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output * self.scale
 
 
 def _public(config) -> dict:

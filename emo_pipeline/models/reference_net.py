@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from diffusers import ModelMixin, UNet2DConditionModel
 from diffusers.configuration_utils import register_to_config
+from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention
 
 from emo_pipeline.errors import EMOInputError
@@ -83,8 +84,14 @@ class _CaptureTemporal:
 class ReferenceNet(UNet2DConditionModel):
     """SD1.5 UNet2DConditionModel that returns `ReferenceFeatures` instead of a noise prediction."""
 
-    def __init__(self, *args, null_context_length: int = CLIP_CONTEXT_LENGTH, **kwargs):
+    def __init__(self, *args, null_context_length: int = CLIP_CONTEXT_LENGTH, cross_attention: bool = True, **kwargs):
+        """`cross_attention=False`: the transformer blocks have no attn2 (EchoMimic's reference pass skips it:
+        its write-mode block runs attn1 then the feed-forward, mutual_self_attention.py:142-151, 204-221)."""
         super().__init__(*args, **kwargs)
+        if not cross_attention:
+            for module in self.modules():
+                if isinstance(module, BasicTransformerBlock):
+                    module.attn2 = module.norm2 = None
         self.register_buffer(
             "null_context", torch.zeros(1, null_context_length, self.config.cross_attention_dim), persistent=True
         )
@@ -104,7 +111,9 @@ class ReferenceNet(UNet2DConditionModel):
         for target, source in self._temporal_points.items():
             modules[source].register_forward_hook(_CaptureTemporal(target, self._capture))
 
-    __init__.__signature__ = extend_init_signature(UNet2DConditionModel.__init__, null_context_length=77)
+    __init__.__signature__ = extend_init_signature(
+        UNet2DConditionModel.__init__, null_context_length=77, cross_attention=True
+    )
     __init__ = register_to_config(__init__)
 
     @classmethod
