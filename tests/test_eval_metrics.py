@@ -84,3 +84,70 @@ def test_silent_audio_is_an_error(syncnet):
     frames, audio = sync_inputs()
     with pytest.raises(EMOInputError, match="silent"):
         sync.sync_scores(syncnet, frames, np.zeros_like(audio))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FID: pytorch-fid's own network and data path; the Fréchet distance
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def inception():
+    from emo_pipeline.evaluation.fid import build_fid_inception
+
+    return build_fid_inception(random_seed=0)
+
+
+def test_fid_features_match_pytorch_fid_get_activations(inception, tmp_path):
+    """Our frame features equal pytorch-fid's `get_activations` on the same frames saved as PNG files (its PIL RGB
+    loading + ToTensor + the network's resize/normalisation), and change when the frames arrive as BGR."""
+    from PIL import Image
+    from pytorch_fid.fid_score import get_activations
+
+    from emo_pipeline.evaluation.fid import InceptionFeatures
+
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:72, 0:88] / 72.0
+    frames = np.stack(
+        [
+            np.clip(120 + 100 * np.stack([np.sin(5 * xx + i), np.cos(4 * yy - i), xx * yy], -1), 0, 255)
+            for i in range(3)
+        ]
+    )
+    frames = np.clip(frames + rng.normal(0, 10, frames.shape), 0, 255).astype(np.uint8)
+    files = []
+    for index, frame in enumerate(frames):
+        files.append(str(tmp_path / f"{index}.png"))
+        Image.fromarray(frame).save(files[-1])
+    reference = get_activations(files, inception, batch_size=3, dims=2048, device="cpu", num_workers=0)
+    ours = InceptionFeatures(inception, batch_size=2)(frames)
+    np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-5)
+    swapped = InceptionFeatures(inception)(np.ascontiguousarray(frames[..., ::-1]))
+    assert np.abs(swapped - reference).max() > 100 * np.abs(ours - reference).max() + 1e-3
+
+
+def test_frechet_distance_matches_a_direct_scipy_computation():
+    """Streaming statistics fed in uneven chunks + pytorch-fid's distance == |mu1-mu2|^2 + Tr(S1+S2-2 sqrtm(S1 S2))
+    from np.cov and scipy.linalg.sqrtm on all rows at once."""
+    from scipy import linalg
+
+    from emo_pipeline.evaluation.frechet import FeatureStats, frechet_distance
+
+    rng = np.random.default_rng(0)
+    first = rng.normal(size=(300, 16)) @ rng.normal(size=(16, 16))
+    second = rng.normal(0.3, 1.2, size=(250, 16)) @ rng.normal(size=(16, 16))
+    stats = FeatureStats(), FeatureStats()
+    for rows, target in ((first, stats[0]), (second, stats[1])):
+        for chunk in np.array_split(rows, [7, 100, 101]):
+            target.add(chunk)
+    mu1, mu2 = first.mean(0), second.mean(0)
+    s1, s2 = np.cov(first, rowvar=False), np.cov(second, rowvar=False)
+    direct = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
+    assert frechet_distance(*stats) == pytest.approx(direct, rel=1e-6)
+    same = FeatureStats()
+    same.add(first)
+    assert frechet_distance(same, stats[0]) == pytest.approx(0.0, abs=1e-6)
+    single = FeatureStats()
+    single.add(first[:1])
+    with pytest.raises(EMOInputError, match="at least 2"):
+        frechet_distance(single, stats[0])

@@ -17,18 +17,35 @@ import torch
 
 from emo_pipeline.errors import EMOInputError
 
-__all__ = ["InceptionFeatures", "build_fid_inception", "frames_to_inception_input"]
+__all__ = ["InceptionFeatures", "build_fid_inception", "frames_to_inception_input", "seeded_inception_state_dict"]
 
 
-def _state_of_model_being_built(*args: Any, **kwargs: Any) -> dict:
+def _seeded_loader(seed: int, captured: list[dict]) -> Any:
     # pytorch-fid's fid_inception_v3() builds `inception`, then loads its published file into it. Without the file
-    # (random-weights tests and goldens) it gets the new model's own state back; the caller then fills it with seeds.
-    frame = inspect.currentframe()
-    assert frame is not None and frame.f_back is not None
-    return frame.f_back.f_locals["inception"].state_dict()
+    # (random-weights tests) the new network is filled with name-seeded values and loads its own state.
+    def load(*args: Any, **kwargs: Any) -> dict:
+        from emo_pipeline.evaluation.random_weights import fill_seeded
+
+        frame = inspect.currentframe()
+        assert frame is not None and frame.f_back is not None
+        state = fill_seeded(frame.f_back.f_locals["inception"], seed).state_dict()
+        captured.append(state)
+        return state
+
+    return load
 
 
-def build_fid_inception(weights_path: str | os.PathLike[str] | None = None, random_seed: int | None = None) -> Any:
+def seeded_inception_state_dict(seed: int = 0) -> dict:
+    """A state dict in the layout of the published `pt_inception-2015-12-05-6726825d.pth`, with seeded random values
+    (tests write it under the published name to exercise the real loading path)."""
+    captured: list[dict] = []
+    build_fid_inception(random_seed=seed, _captured=captured)
+    return captured[0]
+
+
+def build_fid_inception(
+    weights_path: str | os.PathLike[str] | None = None, random_seed: int | None = None, _captured: list | None = None
+) -> Any:
     """pytorch-fid's `InceptionV3([pool3])` (`use_fid_inception=True`), with the published weights file at
     `weights_path`, or seeded random weights (`random_seed`, tests) when no file is given."""
     from emo_pipeline.evaluation._torchvision import import_torchvision
@@ -43,7 +60,8 @@ def build_fid_inception(weights_path: str | os.PathLike[str] | None = None, rand
         return torch.load(os.fspath(weights_path), map_location="cpu", weights_only=True)
 
     original = pytorch_fid_inception.load_state_dict_from_url
-    pytorch_fid_inception.load_state_dict_from_url = load_published if weights_path else _state_of_model_being_built
+    seeded = _seeded_loader(random_seed or 0, [] if _captured is None else _captured)
+    pytorch_fid_inception.load_state_dict_from_url = load_published if weights_path else seeded
     try:
         block = pytorch_fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]
         model = pytorch_fid_inception.InceptionV3([block], resize_input=True, normalize_input=True)
@@ -53,10 +71,6 @@ def build_fid_inception(weights_path: str | os.PathLike[str] | None = None, rand
         raise EMOInputError(f"Inception weights {os.fspath(weights_path)!r} do not load: {error}") from error
     finally:
         pytorch_fid_inception.load_state_dict_from_url = original
-    if weights_path is None:
-        from emo_pipeline.evaluation.random_weights import fill_seeded
-
-        fill_seeded(model, random_seed or 0)
     return model.eval()
 
 

@@ -19,12 +19,14 @@ __all__ = ["PUBLISHED_WEIGHTS", "PublishedWeights", "resolve_weights"]
 
 @dataclass(frozen=True)
 class PublishedWeights:
-    """One metric network's published weights: `filename` (its published name), `url`, `network`, `licence`."""
+    """One metric network's published weights: `filename` (its published name), `url`, `network`, `licence`;
+    `in_archive`: the file is published inside the archive at `url` (not downloaded automatically)."""
 
     filename: str
     url: str
     network: str
     licence: str
+    in_archive: bool = False
 
 
 PUBLISHED_WEIGHTS: dict[str, PublishedWeights] = {
@@ -48,9 +50,17 @@ PUBLISHED_WEIGHTS: dict[str, PublishedWeights] = {
     ),
     "arcface": PublishedWeights(
         "glintr100.onnx",
-        "https://github.com/deepinsight/insightface/releases/download/v0.7/antelopev2.zip (glintr100.onnx inside)",
+        "https://github.com/deepinsight/insightface/releases/download/v0.7/antelopev2.zip",
         "ArcFace ResNet-100 on Glint360K (insightface antelopev2, the face-analysis models Hallo ships)",
         "NON-COMMERCIAL research use only (insightface's pretrained models)",
+        in_archive=True,
+    ),
+    "scrfd": PublishedWeights(
+        "scrfd_10g_bnkps.onnx",
+        "https://github.com/deepinsight/insightface/releases/download/v0.7/antelopev2.zip",
+        "SCRFD-10G face detector with 5 keypoints (insightface antelopev2), aligns faces for ArcFace",
+        "NON-COMMERCIAL research use only (insightface's pretrained models)",
+        in_archive=True,
     ),
 }
 
@@ -90,11 +100,12 @@ def resolve_weights(network: str, weights_dir: str | os.PathLike[str] | None = N
     if cached.is_file():
         return cached
     searched.append(str(cached.parent))
+    source = f"the archive {spec.url} (extract it)" if spec.in_archive else spec.url
     where = (
         f"{spec.network} weights {spec.filename!r} not found (looked in {', '.join(searched)}): download it from "
-        f"{spec.url} and put it in the --weights folder under that name (licence: {spec.licence})"
+        f"{source} and put it in the --weights folder under that name (licence: {spec.licence})"
     )
-    if not download or _offline() or " " in spec.url:
+    if not download or _offline() or spec.in_archive:
         raise EMOInputError(where + ("" if download and not _offline() else "; offline, so nothing was downloaded"))
     import torch
 
