@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="folder for results.json and report.html")
     parser.add_argument("--device", default="cpu", help="torch device for the metric networks (default cpu)")
     parser.add_argument("--fid-stride", type=int, default=1, help="FID on every N-th frame (default 1: all frames)")
+    parser.add_argument(
+        "--fid-dims", type=int, default=2048, choices=(64, 192, 768, 2048), help="pytorch-fid's --dims (default 2048)"
+    )
     parser.add_argument("--no-download", action="store_true", help="never download a missing weights file")
     parser.add_argument("--model", action="append", help="generate with this checkpoint first ('demo': tiny random)")
     parser.add_argument("--manifest", help="with --model: the emo-animate job file to generate (outputs replaced)")
@@ -54,9 +57,8 @@ def _generate_and_evaluate(args: argparse.Namespace, metrics: tuple[str, ...]) -
     from emo_pipeline.evaluation.runner import Evaluator, _write_json, evaluate
 
     jobs = read_jobs(args.manifest, scheduler_names=SCHEDULER_NAMES)
-    Evaluator(
-        metrics, args.weights, args.device, not args.no_download, args.fid_stride
-    )  # missing weights fail before generating
+    # a missing weights file fails here, before any video is generated
+    Evaluator(metrics, args.weights, args.device, not args.no_download, args.fid_stride, args.fid_dims)
     defaults = animate._defaults(animate.build_parser().parse_args(["--jobs", args.manifest]))
     output = Path(args.output)
     runs, labels, failed = [], [], False
@@ -89,6 +91,7 @@ def _generate_and_evaluate(args: argparse.Namespace, metrics: tuple[str, ...]) -
             progress=not args.no_progress,
             title=f"emo-evaluate: {model}",
             fid_stride=args.fid_stride,
+            fid_dims=args.fid_dims,
         )
         result.update(label=model, output=str(folder))
         runs.append(result)
@@ -123,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             download=not args.no_download,
             progress=not args.no_progress,
             fid_stride=args.fid_stride,
+            fid_dims=args.fid_dims,
         )
     except EMOInputError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -43,16 +43,25 @@ def seeded_inception_state_dict(seed: int = 0) -> dict:
     return captured[0]
 
 
+FID_DIMS = (64, 192, 768, 2048)
+
+
 def build_fid_inception(
-    weights_path: str | os.PathLike[str] | None = None, random_seed: int | None = None, _captured: list | None = None
+    weights_path: str | os.PathLike[str] | None = None,
+    random_seed: int | None = None,
+    _captured: list | None = None,
+    dims: int = 2048,
 ) -> Any:
-    """pytorch-fid's `InceptionV3([pool3])` (`use_fid_inception=True`), with the published weights file at
+    """pytorch-fid's `InceptionV3` (`use_fid_inception=True`) returning the block of `dims` features (2048: pool3, the
+    standard FID; pytorch-fid's `--dims` 64/192/768 take earlier blocks), with the published weights file at
     `weights_path`, or seeded random weights (`random_seed`, tests) when no file is given."""
     from emo_pipeline.evaluation._torchvision import import_torchvision
 
     import_torchvision()
     from pytorch_fid import inception as pytorch_fid_inception
 
+    if dims not in FID_DIMS:
+        raise EMOInputError(f"FID dims must be one of {FID_DIMS} (pytorch-fid's blocks), got {dims!r}")
     if weights_path is None and random_seed is None:
         raise EMOInputError("build_fid_inception needs weights_path (the published file) or random_seed (tests)")
 
@@ -63,7 +72,7 @@ def build_fid_inception(
     seeded = _seeded_loader(random_seed or 0, [] if _captured is None else _captured)
     pytorch_fid_inception.load_state_dict_from_url = load_published if weights_path else seeded
     try:
-        block = pytorch_fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]
+        block = pytorch_fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM[dims]
         model = pytorch_fid_inception.InceptionV3([block], resize_input=True, normalize_input=True)
     except Exception as error:
         if weights_path is None:
@@ -83,7 +92,8 @@ def frames_to_inception_input(frames: np.ndarray) -> torch.Tensor:
 
 
 class InceptionFeatures:
-    """Callable: `(N, H, W, 3)` uint8 RGB frames -> `(N, 2048)` float64 pool3 features, in batches."""
+    """Callable: `(N, H, W, 3)` uint8 RGB frames -> `(N, dims)` float64 features (pool3 for 2048), in batches;
+    earlier blocks are average-pooled to 1x1 as pytorch-fid's `get_activations` does."""
 
     def __init__(self, model: Any, batch_size: int = 16, device: str | torch.device = "cpu"):
         self.model = model.to(device)
@@ -96,5 +106,7 @@ class InceptionFeatures:
         for start in range(0, len(frames), self.batch_size):
             batch = frames_to_inception_input(frames[start : start + self.batch_size]).to(self.device)
             pooled = self.model(batch)[0]
+            if pooled.shape[2:] != (1, 1):
+                pooled = torch.nn.functional.adaptive_avg_pool2d(pooled, output_size=(1, 1))
             outputs.append(pooled.squeeze(3).squeeze(2).double().cpu().numpy())
-        return np.concatenate(outputs) if outputs else np.zeros((0, 2048))
+        return np.concatenate(outputs)

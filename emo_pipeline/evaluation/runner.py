@@ -114,6 +114,7 @@ class Evaluator:
     device: str = "cpu"
     download: bool = True
     fid_stride: int = 1
+    fid_dims: int = 2048
     weights: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -130,7 +131,8 @@ class Evaluator:
         if "fid" in self.metrics and self._inception is None:
             from emo_pipeline.evaluation.fid import InceptionFeatures, build_fid_inception
 
-            self._inception = InceptionFeatures(build_fid_inception(self.weights["inception"]), device=self.device)
+            model = build_fid_inception(self.weights["inception"], dims=self.fid_dims)
+            self._inception = InceptionFeatures(model, device=self.device)
         if "fvd" in self.metrics and self._i3d is None:
             from emo_pipeline.evaluation.fvd import I3DFeatures, load_i3d
 
@@ -286,6 +288,7 @@ def evaluate(
     progress: bool = True,
     title: str | None = None,
     fid_stride: int = 1,
+    fid_dims: int = 2048,
 ) -> dict[str, Any]:
     """Evaluate the videos of `generated` (folder or job file) against `reference`; writes `results.json` and
     `report.html` in `output` and returns the results (`{"aggregate", "videos", "skipped", ...}`)."""
@@ -295,7 +298,7 @@ def evaluate(
 
     items = collect_videos(generated, reference)
     weights = os.fspath(weights_dir) if weights_dir else None
-    evaluator = Evaluator(parse_metrics(metrics), weights, device, download, fid_stride)
+    evaluator = Evaluator(parse_metrics(metrics), weights, device, download, fid_stride, fid_dims)
     folder = Path(output)
     (folder / "curves").mkdir(parents=True, exist_ok=True)
     records = []
@@ -309,6 +312,7 @@ def evaluate(
         "title": title or f"emo-evaluate: {os.fspath(generated)}",
         "metrics": list(evaluator.metrics),
         "fid_stride": evaluator.fid_stride,
+        "fid_dims": evaluator.fid_dims,
         "weights": evaluator.weights,
         "aggregate": aggregate,
         "skipped": skipped,
