@@ -10,15 +10,10 @@ import pytest
 
 
 def pytest_configure(config):
-    # torchvision comes with the test extra (pytorch-fid). Where its compiled ops cannot load (a CUDA torchvision wheel
-    # beside a CPU-only torch), its import fails and so does transformers' import of Wav2Vec2Model; declaring the two
-    # missing operator schemas first (emo_pipeline/evaluation/_torchvision.py) keeps every test's imports working.
-    import importlib.util
+    # torchvision comes with the test extra (pytorch-fid); where its compiled ops cannot load, `import emo_pipeline`'s
+    # guard (emo_pipeline/_torchvision.py) keeps it, and transformers, importable: installed before any test imports.
+    import emo_pipeline  # noqa: F401
 
-    if importlib.util.find_spec("torchvision") is not None:
-        from emo_pipeline.evaluation._torchvision import import_torchvision
-
-        import_torchvision()
 
 # ----------------------------------------------------------------------------------------------------------------
 # emo-preprocess: one small synthetic dataset, shared by tests/test_preprocess.py and tests/test_dataset.py

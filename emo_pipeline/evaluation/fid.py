@@ -55,7 +55,7 @@ def build_fid_inception(
     """pytorch-fid's `InceptionV3` (`use_fid_inception=True`) returning the block of `dims` features (2048: pool3, the
     standard FID; pytorch-fid's `--dims` 64/192/768 take earlier blocks), with the published weights file at
     `weights_path`, or seeded random weights (`random_seed`, tests) when no file is given."""
-    from emo_pipeline.evaluation._torchvision import import_torchvision
+    from emo_pipeline._torchvision import import_torchvision
 
     import_torchvision()
     from pytorch_fid import inception as pytorch_fid_inception

@@ -43,7 +43,7 @@ class FeatureStats:
 
 def frechet_distance(first: FeatureStats, second: FeatureStats, what: str = "features") -> float:
     """Fréchet distance between the Gaussians fitted to two feature sets (pytorch-fid's implementation)."""
-    from emo_pipeline.evaluation._torchvision import import_torchvision
+    from emo_pipeline._torchvision import import_torchvision
 
     import_torchvision()  # pytorch_fid.fid_score imports torchvision.transforms
     from pytorch_fid.fid_score import calculate_frechet_distance
