@@ -215,3 +215,39 @@ def test_emo_evaluate_writes_json_and_an_html_report_chromium_renders(video_sets
     finally:
         page.quit()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_model_mode_generates_with_each_checkpoint_then_compares_them_side_by_side(tmp_path):
+    """--model A --model B --manifest M: each checkpoint generates the manifest's jobs (emo_pipeline.batch: resumable),
+    then both sets are evaluated and reported side by side."""
+    import importlib.resources
+    import os
+
+    from scipy.io import wavfile
+
+    from emo_pipeline.media import VideoWriter
+
+    wavfile.write(tmp_path / "a.wav", 16000, (speech(0.4) * 32767).astype(np.int16))
+    portrait = importlib.resources.files("emo_pipeline") / "assets" / "portrait.png"
+    manifest = tmp_path / "jobs.jsonl"
+    manifest.write_text(
+        json.dumps({"image": str(portrait), "audio": "a.wav", "output": "clip.mp4", "steps": 1}) + "\n"
+    )
+    (tmp_path / "truth").mkdir()
+    with VideoWriter(tmp_path / "truth" / "clip.mp4", fps=25) as writer:
+        writer.write(np.full((10, 64, 64, 3), 128, np.uint8))
+    output = tmp_path / "compare"
+    argv = ["--model", "demo", "--model", "demo", "--manifest", str(manifest), "--reference", str(tmp_path / "truth"),
+            "--metrics", "psnr,ssim", "--output", str(output), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    runs = json.loads((output / "results.json").read_text())["models"]
+    assert [run["label"] for run in runs] == ["demo", "demo"]
+    videos = [output / f"{index}_demo" / "videos" / "clip.mp4" for index in range(2)]
+    assert all(v.is_file() for v in videos)
+    for run in runs:
+        assert 0 < run["aggregate"]["psnr"] < 60 and run["videos"][0]["frames"] == 10
+    report = (output / "report.html").read_text()
+    assert report.count("<th>demo</th>") == 2 and "psnr" in report
+    stamps = [os.stat(v).st_mtime_ns for v in videos]
+    assert main(argv) == 0  # resumed: finished videos are kept, not generated again
+    assert [os.stat(v).st_mtime_ns for v in videos] == stamps
