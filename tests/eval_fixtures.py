@@ -56,7 +56,7 @@ def write_video(path: Path, frames: np.ndarray, audio: np.ndarray | None) -> Pat
 
 def seeded_weights(folder: Path) -> Path:
     """The metric networks' files under their published names, with seeded random values (FVD: a small TorchScript
-    3D-conv network with the I3D call convention stands in: the I3D architecture's source is not available here)."""
+    3D-conv network with the I3D call convention stands in: the I3D TorchScript is published without its source)."""
     from emo_pipeline.evaluation.fid import seeded_inception_state_dict
     from emo_pipeline.evaluation.sync import load_syncnet
 

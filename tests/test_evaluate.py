@@ -86,17 +86,19 @@ def test_psnr_and_ssim_of_identical_and_shifted_frames(face):
 
 
 def test_fvd_clips_are_16_frames_in_minus_one_to_one_with_i3d_flags():
-    """The I3D input: (B, 3, 16, H, W) RGB in [-1, 1], called with rescale=False, resize=True, return_features=True."""
+    """The I3D input of common_metrics_on_video_quality: (B, 3, 16, 224, 224) RGB in [-1, 1], the shorter side scaled
+    to 224 and centre-cropped, called with rescale=False, resize=False, return_features=True."""
     from emo_pipeline.evaluation.fvd import I3DFeatures, frames_to_i3d_clips
 
-    frames = np.zeros((40, 32, 32, 3), np.uint8)
+    frames = np.zeros((40, 32, 48, 3), np.uint8)
     frames[..., 0] = 255  # pure red
+    frames[:, :, :6, 1] = 255  # a green band at the left edge: cropped away by the centre crop (48 -> 336 -> 224)
     clips = frames_to_i3d_clips(frames)
-    assert clips.shape == (2, 3, 16, 32, 32)
+    assert clips.shape == (2, 3, 16, 224, 224)
     assert clips[:, 0].min() == 1.0 and clips[:, 1:].max() == -1.0
     features = I3DFeatures(torch.jit.script(ProbeI3D()))(frames)
     assert features.shape == (2, 15)
-    np.testing.assert_array_equal(features[:, 8:11], [[0, 1, 1]] * 2)  # rescale, resize, return_features
+    np.testing.assert_array_equal(features[:, 8:11], [[0, 0, 1]] * 2)  # rescale, resize, return_features
     np.testing.assert_array_equal(features[:, 11:14], [[-1, 1, 16]] * 2)  # range and clip length
     assert features[0, 14] == 1.0  # channel 0 is red: RGB, not BGR
     with pytest.raises(EMOInputError, match="at least 16"):

@@ -1,13 +1,16 @@
 """FVD features: the I3D network of StyleGAN-V / common_metrics_on_video_quality (`i3d_torchscript.pt`).
 
-That TorchScript file is the Kinetics-400 I3D; StyleGAN-V's `metrics/frechet_video_distance.py` and
-common_metrics_on_video_quality's `fvd/styleganv/fvd.py` call it as `detector(videos, rescale=False, resize=True,
-return_features=True)` on `(B, 3, T, H, W)` float videos in [-1, 1] (RGB; the network resizes to 224x224 itself) and
-take the 400-d logits-layer features. Clips are 16 consecutive frames (non-overlapping; a shorter tail is dropped).
+That TorchScript file (universome/fvd-comparison's export of the Kinetics-400 I3D of the original FVD) is called as
+common_metrics_on_video_quality's `fvd/styleganv/fvd.py` does: each RGB clip in [0, 1], `(C, T, H, W)`, has its
+shorter side scaled to 224 (bilinear, `align_corners=False`, longer side rounded up), is centre-cropped to 224x224 and
+mapped to [-1, 1]; the batch `(B, 3, T, 224, 224)` goes through `detector(x, rescale=False, resize=False,
+return_features=True)`, giving 400-d features. Clips are 16 consecutive frames (non-overlapping; a shorter tail is
+dropped).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -19,7 +22,8 @@ from emo_pipeline.errors import EMOInputError
 __all__ = ["CLIP_FRAMES", "I3D_KWARGS", "I3DFeatures", "frames_to_i3d_clips", "load_i3d"]
 
 CLIP_FRAMES = 16
-I3D_KWARGS = {"rescale": False, "resize": True, "return_features": True}
+I3D_KWARGS = {"rescale": False, "resize": False, "return_features": True}
+I3D_RESOLUTION = 224
 
 
 def load_i3d(path: str | os.PathLike[str]) -> Any:
@@ -31,7 +35,8 @@ def load_i3d(path: str | os.PathLike[str]) -> Any:
 
 
 def frames_to_i3d_clips(frames: np.ndarray, clip_frames: int = CLIP_FRAMES) -> torch.Tensor:
-    """`(T, H, W, 3)` uint8 RGB -> `(T // 16, 3, 16, H, W)` float clips in [-1, 1]."""
+    """`(T, H, W, 3)` uint8 RGB -> `(T // 16, 3, 16, 224, 224)` float clips in [-1, 1] (shorter side scaled to 224,
+    centre crop)."""
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise EMOInputError(f"frames must be (T, H, W, 3) uint8 RGB, got {frames.shape} {frames.dtype}")
@@ -39,8 +44,19 @@ def frames_to_i3d_clips(frames: np.ndarray, clip_frames: int = CLIP_FRAMES) -> t
     if count == 0:
         raise EMOInputError(f"FVD needs at least {clip_frames} frames per video, got {len(frames)}")
     clips = torch.from_numpy(np.ascontiguousarray(frames[: count * clip_frames]))
-    clips = clips.reshape(count, clip_frames, *frames.shape[1:]).permute(0, 4, 1, 2, 3)
-    return clips.float().div(255.0).mul(2.0).sub(1.0)
+    clips = clips.reshape(count, clip_frames, *frames.shape[1:]).permute(0, 4, 1, 2, 3).float().div(255.0)
+    height, width = frames.shape[1:3]
+    scale = I3D_RESOLUTION / min(height, width)
+    if height < width:
+        size = (I3D_RESOLUTION, math.ceil(width * scale))
+    else:
+        size = (math.ceil(height * scale), I3D_RESOLUTION)
+    resized = []
+    for clip in clips:  # (C, T, H, W): interpolate sees C as the batch and T as the channels, as the reference does
+        clip = torch.nn.functional.interpolate(clip, size=size, mode="bilinear", align_corners=False)
+        top, left = (clip.shape[2] - I3D_RESOLUTION) // 2, (clip.shape[3] - I3D_RESOLUTION) // 2
+        resized.append(clip[:, :, top : top + I3D_RESOLUTION, left : left + I3D_RESOLUTION])
+    return (torch.stack(resized) - 0.5) * 2
 
 
 class I3DFeatures:
