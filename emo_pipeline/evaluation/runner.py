@@ -310,6 +310,7 @@ def evaluate(
     aggregate, skipped = evaluator.aggregate(records)
     results = {
         "title": title or f"emo-evaluate: {os.fspath(generated)}",
+        "label": Path(generated).name,
         "metrics": list(evaluator.metrics),
         "fid_stride": evaluator.fid_stride,
         "fid_dims": evaluator.fid_dims,
