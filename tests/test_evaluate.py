@@ -83,6 +83,8 @@ def test_psnr_and_ssim_of_identical_and_shifted_frames(face):
     assert face_metrics.ssim(moved, image) < 0.999 and face_metrics.psnr(moved, image) < 50
     flipped = np.ascontiguousarray(image[..., ::-1])  # colour order matters: BGR against RGB is not a match
     assert face_metrics.psnr(flipped, image) < 30
+    half = image[::2, ::2]  # a generated video at another size is resized to the ground truth's before comparing
+    assert face_metrics.psnr(half, image) > 20 and face_metrics.ssim(half, image) > 0.6  # (would raise unresized)
 
 
 def test_fvd_clips_are_16_frames_in_minus_one_to_one_with_i3d_flags():
@@ -114,6 +116,12 @@ def test_missing_weights_offline_name_the_file_and_where_to_get_it(tmp_path, mon
         resolve_weights("syncnet", tmp_path)
     with pytest.raises(EMOInputError, match=r"glintr100\.onnx.*antelopev2\.zip.*NON-COMMERCIAL"):
         resolve_weights("arcface", tmp_path)
+    cached = tmp_path / "hub" / "checkpoints" / "syncnet_v2.model"  # torch hub's cache is the second place looked
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"x")
+    assert resolve_weights("syncnet", tmp_path) == cached
+    (tmp_path / "syncnet_v2.model").write_bytes(b"x")  # the --weights folder comes first
+    assert resolve_weights("syncnet", tmp_path) == tmp_path / "syncnet_v2.model"
     code = main(
         [
             "--generated",

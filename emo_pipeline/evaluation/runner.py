@@ -162,6 +162,8 @@ class Evaluator:
             return record, curves, np.zeros((0, 1, 1, 3), np.uint8)
         record.update(frames=int(len(frames)), fps=round(info.fps, 3))
         truth = read_video_frames(item.reference) if item.reference else None
+        if truth is not None and len(truth) != len(frames):
+            record["reference_frames"] = int(len(truth))  # frame-wise metrics compare the first min(...) frames
         for metric in self.metrics:
             if metric in NEEDS_REFERENCE and truth is None:
                 skipped[metric] = "needs a ground-truth video (--reference)"
@@ -252,6 +254,9 @@ class Evaluator:
         skipped: dict[str, str] = {}
         for metric in self.metrics:
             if metric in self.stats:
+                if self.stats[metric][0].count == 0:
+                    skipped[metric] = "no video could be measured (see the per-video reasons)"
+                    continue
                 try:
                     summary[metric] = frechet_distance(*self.stats[metric], what=metric.upper())
                 except EMOInputError as error:
