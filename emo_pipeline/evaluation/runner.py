@@ -121,6 +121,11 @@ class Evaluator:
         self.metrics = parse_metrics(self.metrics)
         if int(self.fid_stride) < 1:
             raise EMOInputError(f"fid_stride must be a positive number of frames, got {self.fid_stride!r}")
+        if "csim" in self.metrics:
+            import importlib.util
+
+            if importlib.util.find_spec("insightface") is None or importlib.util.find_spec("onnxruntime") is None:
+                raise EMOInputError("csim needs insightface and onnxruntime: pip install 'emo-pipeline[hallo]'")
         for metric in self.metrics:  # every missing file is an error before any video is read
             for network in NETWORKS.get(metric, ()):
                 self.weights[network] = str(resolve_weights(network, self.weights_dir, self.download))
