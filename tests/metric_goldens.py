@@ -27,3 +27,17 @@ def sync_inputs() -> tuple[np.ndarray, np.ndarray]:
         0, 0.02, t.shape
     )
     return np.stack(frames), audio.astype(np.float32)
+
+
+def crop_inputs() -> tuple[np.ndarray, np.ndarray]:
+    """15 `(160, 200, 3)` uint8 RGB frames (smooth, coordinate-coded colours) and a face box per frame that drifts and
+    jumps once (so the 13-frame median filter of syncnet_python's crop matters)."""
+    yy, xx = np.mgrid[0:160, 0:200].astype(np.float64)
+    frames, boxes = [], []
+    for index in range(15):
+        frames.append(
+            np.stack([xx * 1.2, yy * 1.5, 128 + 60 * np.sin((xx + yy + 7 * index) / 9)], -1).astype(np.uint8)
+        )
+        jump = 25.0 if index == 7 else 0.0
+        boxes.append([60 + index + jump, 40 + 0.5 * index, 120 + index + jump, 110 + 0.5 * index])
+    return np.stack(frames), np.asarray(boxes)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from metric_goldens import GOLDENS, SYNC_SEED, sync_inputs
+from metric_goldens import GOLDENS, SYNC_SEED, crop_inputs, sync_inputs
 
 from emo_pipeline.errors import EMOInputError
 from emo_pipeline.evaluation import sync
@@ -78,6 +78,14 @@ def test_face_track_crop_geometry_and_colour_order():
     assert (edge[0, 0, 0] == 110).all()
     with pytest.raises(EMOInputError, match="13 frames"):
         sync.crop_face_track(frames[:12], boxes[:12])
+
+
+def test_face_track_crop_equals_syncnet_python_crop_video():
+    """Every 224x224 BGR crop equals the one syncnet_python's run_pipeline.crop_video writes for the same frames and
+    face boxes (its box median filter, padding, crop window and resize)."""
+    frames, boxes = crop_inputs()
+    golden = np.load(GOLDENS / "syncnet_crop.npz")["crops_bgr"]
+    np.testing.assert_array_equal(sync.crop_face_track(frames, boxes), golden)
 
 
 def test_silent_audio_is_an_error(syncnet):
