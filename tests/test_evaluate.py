@@ -157,6 +157,10 @@ def test_generated_and_reference_sets_must_match(video_sets, tmp_path, capsys):
     assert code == 2
     assert "no reference for ['noface']" in capsys.readouterr().err
     assert not (tmp_path / "o" / "results.json").exists()
+    (tmp_path / "file").write_text("")
+    assert main(["--generated", str(generated), "--metrics", "psnr,bogus", "--output", str(tmp_path / "o")]) == 2
+    assert main(["--generated", str(generated), "--metrics", "psnr", "--output", str(tmp_path / "file")]) == 2
+    assert "unknown bogus" in (err := capsys.readouterr().err) and "is a file, not a folder" in err
 
 
 def _browser():

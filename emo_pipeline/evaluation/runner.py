@@ -306,6 +306,8 @@ def evaluate(
 
     from emo_pipeline.evaluation.report import save_thumbnails, write_report
 
+    if Path(output).exists() and not Path(output).is_dir():
+        raise EMOInputError(f"--output {os.fspath(output)!r} is a file, not a folder")
     items = collect_videos(generated, reference)
     weights = os.fspath(weights_dir) if weights_dir else None
     evaluator = Evaluator(parse_metrics(metrics), weights, device, download, fid_stride, fid_dims)
