@@ -265,3 +265,53 @@ def test_model_mode_generates_with_each_checkpoint_then_compares_them_side_by_si
     stamps = [os.stat(v).st_mtime_ns for v in videos]
     assert main(argv) == 0  # resumed: finished videos are kept, not generated again
     assert [os.stat(v).st_mtime_ns for v in videos] == stamps
+
+
+class _RecordingDetector:
+    """insightface's SCRFD interface: `detect(bgr, max_num)` -> ((N, 5) boxes, (N, 5, 2) keypoints); no face in a
+    black image."""
+
+    def __init__(self):
+        self.seen = []
+
+    def detect(self, image, max_num=0):
+        self.seen.append(image)
+        if image.max() == 0:
+            return np.zeros((0, 5)), np.zeros((0, 5, 2))
+        return np.array([[10.0, 10.0, 50.0, 50.0, 0.9]]), np.arange(10, dtype=float).reshape(1, 5, 2)
+
+
+class _MeanColourRecognizer:
+    """ArcFaceONNX's interface: `get(bgr, face)` -> embedding (here the image's mean colour, in the order given)."""
+
+    def __init__(self):
+        self.faces = []
+
+    def get(self, image, face):
+        self.faces.append(face)
+        return image.reshape(-1, 3).mean(0) + 1.0
+
+
+def test_csim_feeds_insightface_bgr_frames_and_its_keypoints(face, tmp_path):
+    """CSIM's wiring around insightface's models (not installed in CI; the networks themselves are not checked here):
+    BGR frames to the detector and the recognizer, the detector's 5 keypoints to the recognizer's alignment, unit
+    embeddings, frames without a face left out of the mean (NaN in the curve), no face at all a skip reason."""
+    from emo_pipeline.evaluation.runner import Evaluator, VideoItem
+
+    image, box = face
+    evaluator = Evaluator(("psnr",))
+    detector, recognizer = _RecordingDetector(), _MeanColourRecognizer()
+    evaluator._identity = face_metrics.FaceIdentity(detector, recognizer)
+    portrait = tmp_path / "portrait.png"
+    from PIL import Image
+
+    Image.fromarray(image).save(portrait)
+    frames = np.stack([image, shift_mouth(image, box, 4), np.zeros_like(image)])
+    record, curves = {}, {}
+    evaluator._csim(VideoItem("v", "unused.mp4", portrait=str(portrait)), frames, None, 25.0, record, curves)
+    np.testing.assert_array_equal(detector.seen[0], image[..., ::-1])  # BGR, as insightface expects
+    np.testing.assert_array_equal(recognizer.faces[0].kps, np.arange(10).reshape(5, 2))
+    assert curves["csim"][0] == pytest.approx(1.0) and 0.99 < curves["csim"][1] <= 1.0 and curves["csim"][2] is None
+    assert record["csim"] == pytest.approx(np.mean(curves["csim"][:2]))
+    with pytest.raises(EMOInputError, match="no face found in any generated frame"):
+        evaluator._csim(VideoItem("v", "unused.mp4", portrait=str(portrait)), frames[2:], None, 25.0, {}, {})

@@ -19,6 +19,7 @@ import contextlib
 import functools
 import os
 from collections.abc import Iterable
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -127,9 +128,21 @@ def ssim(generated: np.ndarray, reference: np.ndarray) -> float:
 
 
 class FaceIdentity:
-    """ArcFace embeddings through insightface (onnxruntime): `embed(rgb_frame)` -> unit `(512,)` vector or None."""
+    """ArcFace embeddings through insightface (onnxruntime): `embed(rgb_frame)` -> unit `(512,)` vector or None.
 
-    def __init__(self, recognition_path: str | os.PathLike[str], detection_path: str | os.PathLike[str]):
+    `detection` / `recognition` are insightface model-zoo models (`SCRFD`, `ArcFaceONNX`); `from_files` loads them.
+    Frames go to both as BGR (insightface works on cv2 images); the recognizer aligns the face with the detector's
+    5 keypoints (`norm_crop` to 112x112) and normalises it itself.
+    """
+
+    def __init__(self, detection: Any, recognition: Any):
+        self.detection = detection
+        self.recognition = recognition
+
+    @classmethod
+    def from_files(
+        cls, recognition_path: str | os.PathLike[str], detection_path: str | os.PathLike[str]
+    ) -> FaceIdentity:
         try:
             from insightface.model_zoo import get_model
         except ImportError as error:
@@ -137,19 +150,18 @@ class FaceIdentity:
                 f"CSIM needs insightface and onnxruntime ({error}): pip install 'emo-pipeline[hallo]'"
             ) from error
         with contextlib.redirect_stdout(None):
-            self.recognition = get_model(os.fspath(recognition_path), providers=["CPUExecutionProvider"])
-            self.detection = get_model(os.fspath(detection_path), providers=["CPUExecutionProvider"])
-            self.detection.prepare(ctx_id=-1, input_size=(640, 640), det_thresh=0.5)
-            self.recognition.prepare(ctx_id=-1)
+            recognition = get_model(os.fspath(recognition_path), providers=["CPUExecutionProvider"])
+            detection = get_model(os.fspath(detection_path), providers=["CPUExecutionProvider"])
+            detection.prepare(ctx_id=-1, input_size=(640, 640), det_thresh=0.5)
+            recognition.prepare(ctx_id=-1)
+        return cls(detection, recognition)
 
     def embed(self, rgb_frame: np.ndarray) -> np.ndarray | None:
-        from insightface.app.common import Face
-
-        bgr = np.ascontiguousarray(rgb_frame[..., ::-1])  # insightface works on cv2's BGR images
+        bgr = np.ascontiguousarray(np.asarray(rgb_frame)[..., ::-1])
         boxes, keypoints = self.detection.detect(bgr, max_num=1)
         if len(boxes) == 0:
             return None
-        face = Face(bbox=boxes[0, :4], kps=keypoints[0], det_score=boxes[0, 4])
+        face = SimpleNamespace(bbox=boxes[0, :4], kps=keypoints[0], det_score=boxes[0, 4])  # what get() reads
         embedding = np.asarray(self.recognition.get(bgr, face), dtype=np.float64)
         return embedding / np.linalg.norm(embedding)
 

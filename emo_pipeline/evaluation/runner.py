@@ -149,7 +149,7 @@ class Evaluator:
         if "csim" in self.metrics and self._identity is None:
             from emo_pipeline.evaluation.face_metrics import FaceIdentity
 
-            self._identity = FaceIdentity(self.weights["arcface"], self.weights["scrfd"])
+            self._identity = FaceIdentity.from_files(self.weights["arcface"], self.weights["scrfd"])
 
     def video(self, item: VideoItem) -> tuple[dict[str, Any], dict[str, Any], np.ndarray]:
         """Per-video numbers (`{key: value, "skipped": {metric: reason}}`), curves for the report, a few frames."""
