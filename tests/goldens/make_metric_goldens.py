@@ -7,7 +7,7 @@ It records Sync-C (``conf``), the offset and the per-window distances per shift 
 
 Usage (the project's venv plus ``python_speech_features``)::
 
-    git clone https://github.com/joonson/syncnet_python /tmp/syncnet_python   # any commit since 2020
+    git clone https://github.com/joonson/syncnet_python /tmp/syncnet_python   # the goldens: commit 6efbb1c3
     python tests/goldens/make_metric_goldens.py --syncnet-src /tmp/syncnet_python --output tests/goldens/metrics
 
 Shims, applied at run time without editing syncnet_python's files:
@@ -86,13 +86,12 @@ def syncnet_golden(source: Path, output: Path) -> None:
     import shutil
 
     shutil.rmtree(tmp)
-    commit = (source / ".git").exists()
     (output / "syncnet.json").write_text(
         json.dumps(
             {
                 "source": "joonson/syncnet_python SyncNetInstance.evaluate + SyncNetModel.S",
                 "source_path": str(source),
-                "git_checkout": commit,
+                "commit": "6efbb1c305c23f47a62b09cf4215a8ac45e97d49 (the checkout these goldens were made from)",
                 "seed": SYNC_SEED,
                 "offset": int(offset),
                 "conf": float(conf),
