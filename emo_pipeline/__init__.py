@@ -11,6 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+from emo_pipeline._torchvision import install_import_guard  # noqa: E402
+
+install_import_guard()  # see emo_pipeline/_torchvision.py: torchvision imports also where its C++ ops do not load
+
 _LAZY = {
     "EMOInputError": "emo_pipeline.errors",
     "ReferenceNet": "emo_pipeline.models.reference_net",

@@ -81,6 +81,11 @@ class ValidationConfig:
     num_inference_steps: int = 20
     guidance_scale: float = 3.5
     max_seconds: float = 4.0  # validation audio is cut to this length
+    # emo-evaluate metrics (fid, fvd, sync, csim, lmd, psnr, ssim) of the validation videos, logged next to the loss
+    # as validation/<key>; off by default. lmd/psnr/ssim/fid/fvd need `references` (one ground-truth video per image).
+    metrics: list[str] = field(default_factory=list)
+    references: list[str] = field(default_factory=list)
+    metric_weights: str | None = None  # folder of the metric networks' published files (emo-evaluate --weights)
 
 
 @dataclass

@@ -8,6 +8,13 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 
+
+def pytest_configure(config):
+    # torchvision comes with the test extra (pytorch-fid); where its compiled ops cannot load, `import emo_pipeline`'s
+    # guard (emo_pipeline/_torchvision.py) keeps it, and transformers, importable: installed before any test imports.
+    import emo_pipeline  # noqa: F401
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # emo-preprocess: one small synthetic dataset, shared by tests/test_preprocess.py and tests/test_dataset.py
 # ----------------------------------------------------------------------------------------------------------------

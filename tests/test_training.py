@@ -420,7 +420,7 @@ def test_exported_pipeline_generates_and_its_card_lists_the_stage(base_pipeline,
 def test_validation_samples_with_the_trained_schedule_and_changes_with_the_weights(
     base_pipeline, preprocessed_dataset, tmp_path, monkeypatch
 ):
-    from emo_pipeline.media import read_video_frames, read_video_info
+    from emo_pipeline.media import VideoWriter, read_video_frames, read_video_info
     from emo_pipeline.testing import demo_assets
 
     sampled_with = []
@@ -432,7 +432,12 @@ def test_validation_samples_with_the_trained_schedule_and_changes_with_the_weigh
 
     monkeypatch.setattr(EMOPipeline, "write_video", recording_write_video)
     portrait, speech = demo_assets()
+    truth = tmp_path / "truth.mp4"  # a ground-truth video for the validation metrics
+    with VideoWriter(truth, fps=25) as writer:
+        writer.write(np.full((13, 64, 64, 3), 120, np.uint8))
     extra = {
+        "validation.metrics": "[psnr,ssim,lmd]",
+        "validation.references": f"[{truth}]",
         "validation.steps": 1,
         "validation.images": f"[{portrait}]",
         "validation.audios": f"[{speech}]",
@@ -455,6 +460,9 @@ def test_validation_samples_with_the_trained_schedule_and_changes_with_the_weigh
         assert config["prediction_type"] == "v_prediction" and config["rescale_betas_zero_snr"]
         assert config["timestep_spacing"] == "trailing"
     assert len(sampled_with) == 2
+    scores = json.loads((tmp_path / "validation" / "step-2" / "metrics.json").read_text())  # logged with the loss
+    assert 0 < scores["aggregate"]["psnr"] < 60 and 0 < scores["aggregate"]["ssim"] < 1
+    assert "lmd" not in scores["aggregate"] and "no face" in scores["videos"][0]["skipped"]["lmd"]
 
 
 def test_bad_pretrained_or_data_exits_2_naming_the_input(tmp_path, capsys):

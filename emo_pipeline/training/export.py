@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from emo_pipeline.config import TrainConfig
+from emo_pipeline.errors import EMOInputError
 
-__all__ = ["export_pipeline", "save_lora", "trained_weights", "validate"]
+__all__ = ["export_pipeline", "save_lora", "trained_weights", "validate", "validation_scores"]
 
 logger = logging.getLogger(__name__)
 
@@ -138,3 +139,36 @@ def validate(trained, pipe, config: TrainConfig, step: int, trackers=()) -> list
     finally:
         trained.train(was_training)
     return paths
+
+
+def validation_scores(paths: list[Path], config: TrainConfig, step: int) -> dict[str, float]:
+    """The `validation.metrics` of this step's validation videos (emo-evaluate's per-video numbers, averaged; FID/FVD
+    over their frames), written to `validation/step-N/metrics.json` with every "skipped" reason; returns
+    `{"validation/<key>": value}` for the trackers (empty when no metrics are configured)."""
+    import json
+
+    from emo_pipeline.evaluation.runner import Evaluator, VideoItem
+
+    settings = config.validation
+    if not settings.metrics:
+        return {}
+    references = list(settings.references)
+    if references and len(references) != len(settings.images):
+        raise EMOInputError(
+            f"validation.references has {len(references)} videos for {len(settings.images)} validation images: "
+            "give one ground-truth video per image (or none)"
+        )
+    evaluator = Evaluator(tuple(settings.metrics), settings.metric_weights)
+    records = []
+    for index, path in enumerate(paths):
+        item = VideoItem(
+            f"sample-{index}",
+            str(path),
+            reference=references[index] if references else None,
+            portrait=settings.images[index],
+        )
+        records.append(evaluator.video(item)[0])
+    aggregate, skipped = evaluator.aggregate(records)
+    folder = Path(config.output_dir) / "validation" / f"step-{step}"
+    (folder / "metrics.json").write_text(json.dumps({"aggregate": aggregate, "skipped": skipped, "videos": records}))
+    return {f"validation/{key}": value for key, value in aggregate.items() if not key.endswith("_videos")}

@@ -13,7 +13,14 @@ from omegaconf import OmegaConf
 from emo_pipeline.config import TrainConfig
 from emo_pipeline.errors import EMOInputError
 from emo_pipeline.training.checkpoints import resume, save_checkpoint
-from emo_pipeline.training.export import export_pipeline, is_sharded, save_lora, trained_weights, validate
+from emo_pipeline.training.export import (
+    export_pipeline,
+    is_sharded,
+    save_lora,
+    trained_weights,
+    validate,
+    validation_scores,
+)
 from emo_pipeline.training.inputs import batch_inputs
 from emo_pipeline.training.module import EMOTrainingModule
 from emo_pipeline.training.schedule import sampling_scheduler, training_scheduler
@@ -227,7 +234,10 @@ def _after_step(run: _Run, global_step: int, loss: float) -> None:
     if config.validation.steps and global_step % config.validation.steps == 0 and config.validation.images:
         with trained_weights(accelerator, run.model, run.ema, run.parameters) as trained:  # every process
             if trained is not None:
-                validate(trained, run.pipe, config, global_step, accelerator.trackers)
+                paths = validate(trained, run.pipe, config, global_step, accelerator.trackers)
+                scores = validation_scores(paths, config, global_step)  # configured metrics, next to the loss
+                if scores:
+                    accelerator.log(scores, step=global_step)
         accelerator.wait_for_everyone()
 
 
