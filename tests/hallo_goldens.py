@@ -54,3 +54,19 @@ def golden_reference(models, bank: dict, clip: int, rounded: bool = True):
         spatial[name] = tokens[:, 0]
         temporal.update(models._motion_features(name, tokens[:, 1:]))
     return ReferenceFeatures(spatial=spatial, temporal=temporal, tiled=True)
+
+
+def half_size_conditioning(inputs: dict, audio_length: int) -> HalloConditioning:
+    """The goldens' inputs at half their size (64 px), for pipeline tests that compare the pipeline with itself,
+    not with Hallo (4x less work than the 128 px goldens): the image 2x2-averaged, the face box subsampled, each
+    level's masks taken from the next finer level of the golden (the deepest, 1x1, is the mean of the 2x2 one)."""
+    import torch.nn.functional as F
+
+    half = dict(inputs)
+    half["source_image"] = F.avg_pool2d(inputs["source_image"], 2)
+    half["face_region"] = inputs["face_region"][:, ::2, ::2].contiguous()
+    for kind in ("full", "face", "lip"):
+        for level in range(3):
+            half[f"{kind}_mask_{level}"] = inputs[f"{kind}_mask_{level + 1}"]
+        half[f"{kind}_mask_3"] = inputs[f"{kind}_mask_3"].mean(dim=1, keepdim=True)
+    return golden_conditioning(half, audio_length)

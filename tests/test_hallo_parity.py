@@ -36,8 +36,8 @@ FIRST_STEP_ATOL = 2e-5
 # Teacher-forced steps: each fed Hallo's own inputs of that step (its latents and its reference bank as its reader
 # rounds it), so only float32 noise separates the two (measured: see docs/hallo_architecture.md section 10).
 STEP_ATOL = 1e-5
-# The golden runs: (folder, clips). hallo_motion_scale: Hallo's loop with motion_scale (1.0, 0.6, 1.4), one clip.
-GOLDEN_RUNS = {"hallo": 2, "hallo2": 2, "hallo_motion_scale": 1}
+# Golden runs stepped through in full: {folder: clips}. hallo_motion_scale: motion_scale (1.0, 0.6, 1.4), one clip.
+GOLDEN_RUNS = {"hallo": 2, "hallo_motion_scale": 1}
 _LOADED: dict[str, dict] = {}
 
 
@@ -163,7 +163,10 @@ def _teacher_forced(models: HalloModels, golden: dict, clip: int, step: int, mas
 
 @pytest.mark.parametrize(
     ("variant", "clip", "step"),
-    [(variant, clip, step) for variant, clips in GOLDEN_RUNS.items() for clip in range(clips) for step in range(3)],
+    [(variant, clip, step) for variant, clips in GOLDEN_RUNS.items() for clip in range(clips) for step in range(3)]
+    # Hallo2 differs from Hallo in its reference bank only (masked motion-frame pixels: test_reference_net_writes_
+    # hallos_bank), so two of its steps suffice here
+    + [("hallo2", 0, 0), ("hallo2", 1, 2)],
 )
 def test_denoiser_matches_both_guidance_branches(models: HalloModels, variant: str, clip: int, step: int) -> None:
     """Every step of every clip of the three golden runs (Hallo; Hallo2's masked motion frames; unequal
@@ -176,22 +179,16 @@ def test_denoiser_matches_both_guidance_branches(models: HalloModels, variant: s
     torch.testing.assert_close(stepped, golden["outputs"][f"latents_clip{clip}_step{step}"], atol=STEP_ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("swap", [(0, 1), (1, 2), (0, 2)])
-def test_swapped_regions_are_caught(models: HalloModels, swap: tuple[int, int]) -> None:
+def test_swapped_regions_are_caught(models: HalloModels) -> None:
     """The golden masks give every region >= 0.2 of the area at every level and the motion_scale run weighs them
-    1.0 / 0.6 / 1.4: swapping two regions' masks, or two regions' weights, moves the prediction far past STEP_ATOL."""
+    1.0 / 0.6 / 1.4: swapping two regions' masks (face <-> lip), or two regions' weights (full <-> lip), moves the
+    prediction far past STEP_ATOL (0.085 seen when the weights were applied in reverse order)."""
     golden = _golden_run("hallo_motion_scale")
     expected = golden["outputs"]["noise_pred_clip0_step0"]
     masks = _conditioning(models, golden["inputs"])["masks"]
-    a, b = swap
-    swapped = {}
-    for level, regions in masks.items():
-        regions = list(regions)
-        regions[a], regions[b] = regions[b], regions[a]
-        swapped[level] = tuple(regions)
-    scale = list(golden["meta"]["motion_scale"])
-    scale[a], scale[b] = scale[b], scale[a]
-    for kwargs in ({"masks": swapped}, {"scale": tuple(scale)}):
+    swapped = {level: (full, lip, face) for level, (full, face, lip) in masks.items()}
+    full, face, lip = golden["meta"]["motion_scale"]
+    for kwargs in ({"masks": swapped}, {"scale": (lip, face, full)}):
         eps, _ = _teacher_forced(models, golden, 0, 0, **kwargs)
         assert (eps - expected).abs().max() > 1000 * STEP_ATOL, kwargs.keys()
 
