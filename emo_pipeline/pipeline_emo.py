@@ -52,7 +52,7 @@ from emo_pipeline.devices import has_offload_hooks
 from emo_pipeline.errors import EMOInputError
 from emo_pipeline.face import PreparedPortrait, prepare_portrait
 from emo_pipeline.hallo import HALLO_MODES, HalloConditioning, iter_hallo_clips
-from emo_pipeline.models.attention import ReferenceFeatures
+from emo_pipeline.models.attention import ReferenceFeatures, install_emo_processors
 from emo_pipeline.models.backbone import EMOUNet3DConditionModel
 from emo_pipeline.models.identity import IdentityProjection
 from emo_pipeline.models.reference_net import ReferenceNet
@@ -452,7 +452,8 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         over every child module would otherwise leave on the plain default."""
         super().set_use_memory_efficient_attention_xformers(valid, attention_op)
         if not valid:
-            self.unet._install_emo_processors()
+            for model in (self.unet, self.reference_net):
+                install_emo_processors(model)
 
     COMPILABLE = ("unet", "reference_net", "vae")
 

@@ -20,20 +20,20 @@ from typing import Any
 import torch
 from diffusers import ModelMixin, MotionAdapter, UNet2DConditionModel, UNetMotionModel
 from diffusers.configuration_utils import register_to_config
-from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention
 from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D, UNetMotionOutput
 from diffusers.utils.accelerate_utils import apply_forward_hook
 
 from emo_pipeline.errors import EMOInputError
 from emo_pipeline.models.attention import (
     ConditioningState,
-    EMOAttnProcessor,
+    EMOAttentionSwitches,
     ReferenceAttentionHook,
     ReferenceFeatures,
-    add_fused_key_value,
     broadcast_batch,
     check_reference_tokens,
     checkpoint_with_state,
+    install_emo_processors,
     reference_key_value,
 )
 from emo_pipeline.models.audio_modules import AudioModuleHook, RegionAudioTransformer, audio_module_inner_dims
@@ -61,7 +61,7 @@ def parameter_group(name: str) -> str:
     return next((group for group, test in PARAMETER_GROUPS.items() if test(name)), "spatial")
 
 
-class EMOUNet3DConditionModel(UNetMotionModel):
+class EMOUNet3DConditionModel(EMOAttentionSwitches, UNetMotionModel):
     """EMO backbone. Build it from an SD1.5 UNet with `from_unet2d`; load a saved one with `from_pretrained`."""
 
     def __init__(
@@ -132,7 +132,7 @@ class EMOUNet3DConditionModel(UNetMotionModel):
         if audio_attention == "audio_modules":
             audio_module_config = self._add_audio_modules(dict(audio_module_config or {}))
             self.register_to_config(audio_module_config=audio_module_config)
-        self._install_emo_processors()
+        install_emo_processors(self)
         self.conv_in.register_forward_hook(FaceFeaturesHook(self._conditioning))
 
     def _add_audio_modules(self, config: dict) -> dict:
@@ -250,38 +250,9 @@ class EMOUNet3DConditionModel(UNetMotionModel):
         return groups
 
     # ------------------------------------------------------------------------------------- attention backends
-    # Reference attention rides on a pre-hook of each attn1 module, so every processor keeps it. These overrides only
-    # put EMO's SDPA processor (which takes the cached reference keys/values) back where diffusers installs its
-    # plain default, and teach diffusers' switches about this model.
-
-    def _install_emo_processors(self, force: bool = False) -> None:
-        modules = dict(self.named_modules())
-        for name in self._reference_layer_names:
-            attn = modules[name]
-            if force or type(attn.processor) in (AttnProcessor, AttnProcessor2_0):
-                attn.set_processor(EMOAttnProcessor())
-
-    def set_default_attn_processor(self) -> None:
-        """SDPA everywhere (diffusers' `AttnProcessor2_0`), EMO's reference attention kept on attn1."""
-        self.set_attn_processor(AttnProcessor2_0())
-        self._install_emo_processors(force=True)
-
-    def set_use_memory_efficient_attention_xformers(self, valid: bool, attention_op: Callable | None = None) -> None:
-        super().set_use_memory_efficient_attention_xformers(valid, attention_op)
-        if not valid:
-            self._install_emo_processors()
-
-    def set_attention_slice(self, slice_size: str | int | list[int] | None = "auto") -> None:
-        """Sliced attention as in `UNet2DConditionModel` (diffusers' `UNetMotionModel` has none); None turns it off."""
-        UNet2DConditionModel.set_attention_slice(self, slice_size)
-        if slice_size is None:
-            self._install_emo_processors()
-
-    def fuse_qkv_projections(self) -> None:
-        super().fuse_qkv_projections()
-        modules = dict(self.named_modules())
-        for name in self._reference_layer_names:
-            add_fused_key_value(modules[name])  # the reference tokens reach a fused attn1 as encoder_hidden_states
+    # Reference attention rides on a pre-hook of each attn1 module, so every processor keeps it. The processor switches
+    # (`EMOAttentionSwitches`) put EMO's dispatching processor (which also takes the cached reference keys/values)
+    # back where diffusers installs its plain default.
 
     def enable_gradient_checkpointing(self, gradient_checkpointing_func: Callable | None = None) -> None:
         """diffusers' gradient checkpointing, the recomputation seeing the conditioning of its forward call."""

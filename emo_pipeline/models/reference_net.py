@@ -16,7 +16,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention_processor import Attention
 
 from emo_pipeline.errors import EMOInputError
-from emo_pipeline.models.attention import ReferenceFeatures
+from emo_pipeline.models.attention import EMOAttentionSwitches, ReferenceFeatures, install_emo_processors
 from emo_pipeline.models.utils import extend_init_signature, to_like
 
 __all__ = ["ModelMixin", "ReferenceNet", "temporal_capture_points"]
@@ -80,7 +80,7 @@ class _CaptureTemporal:
             self.store.temporal[self.name] = output[0] if isinstance(output, tuple) else output
 
 
-class ReferenceNet(UNet2DConditionModel):
+class ReferenceNet(EMOAttentionSwitches, UNet2DConditionModel):
     """SD1.5 UNet2DConditionModel that returns `ReferenceFeatures` instead of a noise prediction."""
 
     def __init__(self, *args, null_context_length: int = CLIP_CONTEXT_LENGTH, **kwargs):
@@ -103,6 +103,7 @@ class ReferenceNet(UNet2DConditionModel):
         modules = dict(self.named_modules())
         for target, source in self._temporal_points.items():
             modules[source].register_forward_hook(_CaptureTemporal(target, self._capture))
+        install_emo_processors(self)  # every attention through diffusers' dispatcher (`set_attention_backend`)
 
     __init__.__signature__ = extend_init_signature(UNet2DConditionModel.__init__, null_context_length=77)
     __init__ = register_to_config(__init__)
