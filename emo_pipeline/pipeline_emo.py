@@ -462,25 +462,29 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         mode: str | None = None,
         dynamic: bool = False,
         components: tuple[str, ...] | list[str] = COMPILABLE,
+        regional: bool = True,
         **compile_kwargs,
     ) -> None:
         """`torch.compile` the backbone, the ReferenceNet and the VAE's decoder in place (`fullgraph=True`: none has
         a graph break).
 
-        The first clip pays the compilation (minutes at SD1.5 size); later clips and videos of the same size reuse
-        it. `dynamic=False` specialises on the shapes, which stay fixed within a video: the backbone sees one batch
-        shape per guidance mode, the ReferenceNet one for the portrait and one for the motion frames, the decoder
-        one per chunk size. `components`: which of "unet", "reference_net", "vae" (on this project's CPU benchmark
-        the compiled decoder was 6x faster than eager while the compiled UNets were slower: compile the VAE alone
-        with `components=("vae",)`, see benchmarks/README.md). `mode` (e.g. "max-autotune") and other arguments go
-        to `torch.compile`.
+        `regional=True` (default): diffusers' regional compilation of the two UNets (`compile_repeated_blocks`: each
+        transformer block is compiled, the rest runs eager): a shorter cold start than compiling them whole, and the
+        backbone stays hookable (`step_cache` works with it). `regional=False` compiles each UNet whole. The VAE
+        decoder is always compiled whole. The first clip pays the compilation; later clips and videos of the same size
+        reuse it. `dynamic=False` specialises on the shapes, which stay fixed within a video.
+        `components`: which of "unet", "reference_net", "vae". `mode` (e.g. "max-autotune") and other arguments go to
+        `torch.compile`. Timings: benchmarks/results/compile_sd15_128.json and README ("Speed switches").
         """
         unknown = set(components) - set(self.COMPILABLE)
         if unknown:
             raise EMOInputError(f"compile: unknown components {sorted(unknown)}; choose from {self.COMPILABLE}")
         for name in components:
             model = self.vae.decoder if name == "vae" else getattr(self, name)
-            model.compile(fullgraph=True, dynamic=dynamic, mode=mode, **compile_kwargs)
+            if regional and name != "vae":
+                model.compile_repeated_blocks(fullgraph=True, dynamic=dynamic, mode=mode, **compile_kwargs)
+            else:
+                model.compile(fullgraph=True, dynamic=dynamic, mode=mode, **compile_kwargs)
 
     def set_scheduler(self, name: str, **config_overrides) -> None:
         """Swap the scheduler for one of `SCHEDULERS` built from the current scheduler's config (same noise

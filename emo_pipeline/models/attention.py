@@ -383,6 +383,19 @@ class EMOAttentionSwitches:
         if slice_size is None:
             install_emo_processors(self)
 
+    def compile_repeated_blocks(self, *args, **kwargs) -> None:
+        """diffusers' regional compilation: `torch.compile` every transformer block (`_repeated_blocks`), not the
+        whole model (much shorter cold start).
+
+        Blocks differ in width, token count and layout, and the reference hooks are per layer, so dynamo keeps up to
+        one graph per block instance: the recompile limit (`torch._dynamo.config.recompile_limit`) is raised to the
+        number of blocks, else `fullgraph=True` would fail at the ninth variant.
+        """
+        blocks = sum(type(module).__name__ in self._repeated_blocks for module in self.modules())
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, 2 * blocks + 8)
+        super().compile_repeated_blocks(*args, **kwargs)
+
     def fuse_qkv_projections(self) -> None:
         """Fused QKV projections (diffusers' switch), the attention backend kept (`EMOAttnProcessor(fused=True)`);
         the backbone's attn1 layers also get a fused `to_kv` for the reference tokens; quantized layers stay

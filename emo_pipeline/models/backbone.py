@@ -64,6 +64,10 @@ def parameter_group(name: str) -> str:
 class EMOUNet3DConditionModel(EMOAttentionSwitches, UNetMotionModel):
     """EMO backbone. Build it from an SD1.5 UNet with `from_unet2d`; load a saved one with `from_pretrained`."""
 
+    # Regional compilation (`compile_repeated_blocks`): the spatial and temporal transformer blocks, Hallo's audio
+    # module blocks; the conditioning hooks inside them are traced with them.
+    _repeated_blocks = ["BasicTransformerBlock", "RegionAudioBlock"]
+
     def __init__(
         self,
         *args,
@@ -343,6 +347,11 @@ class EMOUNet3DConditionModel(EMOAttentionSwitches, UNetMotionModel):
         Returns:
             `UNetMotionOutput` with `.sample (B, 4, F, h, w)`, or a 1-tuple when `return_dict=False`.
         """
+        # One static graph per input shape under torch.compile (a handful per video: one per guidance mode), not an
+        # automatic-dynamic recompile (see ReferenceNet.forward).
+        for tensor in (sample, audio_features, audio_tokens, face_mask, face_features, speed, speed_embeddings):
+            if tensor is not None:
+                torch._dynamo.mark_static(tensor)
         eager = not torch.compiler.is_compiling()
         if eager:
             self._check_inputs(

@@ -149,6 +149,10 @@ class ReferenceNet(EMOAttentionSwitches, UNet2DConditionModel):
         Returns `ReferenceFeatures` with `spatial[name] (B, n*h*w, C)` (n = 1 for 4-D input) and
         `temporal[name] (B, n, C, h_l, w_l)`.
         """
+        # One static graph per input shape under torch.compile, whatever `dynamic` says: the pipeline calls with the
+        # portrait's shape, then the motion frames'; an automatic-dynamic recompile of this UNet fails in inductor
+        # (`ValueRangeError: Invalid ranges` in the downsamplers' shape arithmetic) and buys nothing here.
+        torch._dynamo.mark_static(latents)
         if latents.ndim == 4:
             latents = latents[:, None]
         if latents.ndim != 5 or latents.shape[2] != self.config.in_channels:

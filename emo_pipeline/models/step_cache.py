@@ -79,7 +79,8 @@ class StepCache:
             # The hooks' Python bookkeeping (which step is full, the kept outputs) is not traced or tested under
             # torch.compile: refuse rather than risk a recompilation per step or a silently stale graph.
             raise EMOInputError(
-                "step_cache does not work with a compiled backbone (pipe.compile()); use one or the other"
+                "step_cache does not work with a backbone compiled whole (pipe.compile(regional=False), "
+                "torch.compile(unet)); compile it regionally (pipe.compile(), the default) or not at all"
             )
         self.unet = unet
         self.interval = int(interval)
