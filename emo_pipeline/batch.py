@@ -176,6 +176,7 @@ def run_batch(
     failures_path: str | os.PathLike,
     device: str | None = None,
     dtype: str = "fp32",
+    speed: Any = None,
     watermark: bool = True,
     max_audio_seconds: float | None = 3600.0,
     progress: bool = True,
@@ -189,6 +190,7 @@ def run_batch(
         model: EMOPipeline folder or Hub id; None for the tiny random demo pipeline.
         failures_path: `failures.jsonl` to (re)write: one line per failed job, as it fails.
         device: default: this process's accelerator (`PartialState().device`), else CPU.
+        speed: `emo_pipeline.cli._common.SpeedOptions` (attention backend, compile, quantize, step cache, offload).
 
     Returns:
         The `BatchSummary` of all processes (every process gets the same one).
@@ -246,6 +248,7 @@ def run_batch(
                 device=device or str(state.device),
                 dtype=dtype,
                 notice=state.is_main_process,
+                speed=speed,
             )
             default_scheduler = pipe.scheduler
         for number, (job, settings, size) in enumerate(ready, start=1):
