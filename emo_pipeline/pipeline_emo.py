@@ -323,6 +323,7 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     _guidance_scale: float | None = None
     _num_timesteps: int | None = None
     _interrupt: bool = False
+    _current_timestep: torch.Tensor | None = None
     clip_index: int | None = None
     # TAESD for `decoder="tiny"` previews: not a registered component (not saved with the pipeline, not moved by
     # `pipe.to`); it follows the VAE's dtype and the latents' device when used.
@@ -509,6 +510,13 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     def num_timesteps(self) -> int | None:
         """Denoising steps per clip of the current (or last) call: `len(scheduler.timesteps)`."""
         return self._num_timesteps
+
+    @property
+    def current_timestep(self) -> torch.Tensor | None:
+        """The timestep being denoised (None outside a call), as diffusers' pipelines expose it: diffusers' cache
+        hooks read it, e.g. `PyramidAttentionBroadcastConfig(current_timestep_callback=lambda: pipe.current_timestep)`.
+        """
+        return self._current_timestep
 
     @property
     def interrupt(self) -> bool:
@@ -817,6 +825,7 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         try:
             yield from clips
         finally:
+            self._current_timestep = None
             self.maybe_free_model_hooks()
 
     # ------------------------------------------------------------------------------------------ Hallo weights
@@ -1103,6 +1112,7 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 for step, timestep in enumerate(self.scheduler.timesteps):
                     if self.interrupt:
                         break
+                    self._current_timestep = timestep  # diffusers' cache hooks read it (`current_timestep`)
                     # Read every step: a callback may change the guidance. Guidance batches both branches into one
                     # backbone call; the rest of the conditioning is shared and tiled.
                     guided = self.do_classifier_free_guidance

@@ -21,6 +21,7 @@ import torch
 from diffusers import ModelMixin, MotionAdapter, UNet2DConditionModel, UNetMotionModel
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention_processor import Attention
+from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D, UNetMotionOutput
 from diffusers.utils.accelerate_utils import apply_forward_hook
 
@@ -40,6 +41,7 @@ from emo_pipeline.models.audio_modules import AudioModuleHook, RegionAudioTransf
 from emo_pipeline.models.audio_projection import AudioProjection
 from emo_pipeline.models.face_locator import FaceLocator
 from emo_pipeline.models.speed import SpeedEncoder
+from emo_pipeline.models.step_cache import StepCache, StepCacheConfig
 from emo_pipeline.models.temporal import EMOTemporalTransformer3D
 from emo_pipeline.models.utils import extend_init_signature, quiet_diffusers, to_like
 
@@ -61,7 +63,7 @@ def parameter_group(name: str) -> str:
     return next((group for group, test in PARAMETER_GROUPS.items() if test(name)), "spatial")
 
 
-class EMOUNet3DConditionModel(EMOAttentionSwitches, UNetMotionModel):
+class EMOUNet3DConditionModel(EMOAttentionSwitches, CacheMixin, UNetMotionModel):
     """EMO backbone. Build it from an SD1.5 UNet with `from_unet2d`; load a saved one with `from_pretrained`."""
 
     # Regional compilation (`compile_repeated_blocks`): the spatial and temporal transformer blocks, Hallo's audio
@@ -257,6 +259,27 @@ class EMOUNet3DConditionModel(EMOAttentionSwitches, UNetMotionModel):
     # Reference attention rides on a pre-hook of each attn1 module, so every processor keeps it. The processor switches
     # (`EMOAttentionSwitches`) put EMO's dispatching processor (which also takes the cached reference keys/values)
     # back where diffusers installs its plain default.
+
+    # ------------------------------------------------------------------------------------------------ caches
+
+    def enable_cache(self, config: Any) -> None:
+        """diffusers' cache API (`CacheMixin`): `PyramidAttentionBroadcastConfig` (its `current_timestep_callback`
+        reading `pipe.current_timestep`) and the other diffusers configs that fit a UNet, or EMO's step cache,
+        `StepCacheConfig(interval=N)` (DeepCache). README, "Speed switches", says which fit and why."""
+        if isinstance(config, StepCacheConfig):
+            if self.is_cache_enabled:
+                raise ValueError(f"Caching is already enabled with {type(self._cache_config)}; disable it first.")
+            self._step_cache = StepCache(self, config.interval).install()
+            self._cache_config = config
+            return
+        super().enable_cache(config)
+
+    def disable_cache(self) -> None:
+        if isinstance(self._cache_config, StepCacheConfig):
+            self._step_cache.remove()
+            self._step_cache = self._cache_config = None
+            return
+        super().disable_cache()
 
     def enable_gradient_checkpointing(self, gradient_checkpointing_func: Callable | None = None) -> None:
         """diffusers' gradient checkpointing, the recomputation seeing the conditioning of its forward call."""
