@@ -36,14 +36,14 @@ frames), not the weights. ``sampled_peak_above_start_mb`` is the same from a psu
 (a cross-check; it can miss short peaks).
 
 Ours: ``--modes parity,fast`` (``--api pipeline``, the default where ``EMOPipeline`` takes ``hallo_conditioning=``):
-``EMOPipeline`` built by ``emo_pipeline.hallo.build_hallo_pipeline``, called as ``pipe(None, None,
-hallo_conditioning=..., mode=...)`` in each mode, frames returned (as Hallo's script keeps them); its memory sweep
-goes through ``pipe.iter_clips`` (streaming, as ``write_video``). ``--api hallo_generate``: the clip loop without the
-pipeline around it (``emo_pipeline.hallo.hallo_generate``; sweep through ``iter_hallo_clips``), labelled
-``hallo_generate-MODE``. ``--hallo-floor`` adds one untimed Hallo run with 1 torch thread: how far Hallo's own frames
-move on float noise alone (Hallo rounds its reference bank to fp16, so ~1e-7 differences flip roundings and grow
-through the steps and the clip chain): the scale on which the parity mode's difference is read. Load averages before
-and after every run are in the json: the machine has 2 cores shared with other work.
+``EMOPipeline`` built by ``emo_pipeline.hallo_conversion.build_hallo_pipeline``, called as ``pipe(None, None,
+hallo_conditioning=..., mode=...)`` in each mode, frames returned (as Hallo's script keeps them); its memory sweep goes
+through ``pipe.iter_clips`` (streaming, as ``write_video``). ``--api hallo_generate``: the whole video through
+``emo_pipeline.hallo_conversion.hallo_generate`` (a thin wrapper over the same pipeline loop; sweep through
+``iter_clips``), labelled ``hallo_generate-MODE``. ``--hallo-floor`` adds one untimed Hallo run with 1 torch thread:
+how far Hallo's own frames move on float noise alone (Hallo rounds its reference bank to fp16, so ~1e-7 differences
+flip roundings and grow through the steps and the clip chain): the scale on which the parity mode's difference is read.
+Load averages before and after every run are in the json: the machine has 2 cores shared with other work.
 """
 
 from __future__ import annotations
@@ -393,9 +393,12 @@ def pipeline_supports_hallo() -> bool:
     """Whether EMOPipeline takes `hallo_conditioning=` and `mode=` (the lead's pipeline integration)."""
     from dataclasses import fields
 
-    from emo_pipeline.pipeline_emo import GenerationSettings
+    try:
+        from emo_pipeline.families.hallo import HalloSettings  # Hallo's settings, documented with its family
+    except ImportError:
+        from emo_pipeline.pipeline_emo import GenerationSettings as HalloSettings  # before the family modules
 
-    names = {field.name for field in fields(GenerationSettings)}
+    names = {field.name for field in fields(HalloSettings)}
     return {"hallo_conditioning", "mode"} <= names
 
 
@@ -406,10 +409,11 @@ def run_ours(
 
     api "pipeline": `EMOPipeline.__call__(None, None, hallo_conditioning=..., mode=...)` (all frames returned, as
     Hallo's script keeps them); "iter_clips": the same through `iter_clips`, each clip dropped once counted (what
-    `write_video` does: streaming); "hallo_generate": `emo_pipeline.hallo.hallo_generate` (the clip loop without the
-    pipeline around it).
+    `write_video` does: streaming); "hallo_generate": `emo_pipeline.hallo_conversion.hallo_generate` (a wrapper over
+    the same pipeline).
     """
     from emo_pipeline import hallo as emo_hallo
+    from emo_pipeline import hallo_conversion
 
     f, n, frames = args.frames_per_clip, args.motion_frames, clips * args.frames_per_clip
     conditioning = emo_hallo.HalloConditioning(
@@ -428,18 +432,8 @@ def run_ours(
         "guidance_scale": args.guidance_scale,
         "generator": torch.manual_seed(SEED),
     }
-    if api == "iter_hallo_clips":  # streaming: each clip decoded (fast: in chunks, as the pipeline) and dropped
-        count, vae = 0, hallo["vae"]
-        for latents, clip in emo_hallo.iter_hallo_clips(
-            ours["models"], vae, emo_hallo.hallo_scheduler(), conditioning, **options
-        ):
-            if clip is None:
-                scaled = latents[0].permute(1, 0, 2, 3) / emo_hallo.HALLO_VAE_SCALE
-                clip = torch.cat([vae.decode(chunk).sample for chunk in scaled.split(args.decode_chunk_size)])
-            count += len(clip)
-        return count
     if api == "hallo_generate":
-        video = emo_hallo.hallo_generate(
+        video = hallo_conversion.hallo_generate(
             ours["models"],
             hallo["vae"],
             emo_hallo.hallo_scheduler(),
@@ -659,7 +653,8 @@ def main() -> int:
         "--api",
         choices=["auto", "pipeline", "hallo_generate"],
         default="auto",
-        help="ours through EMOPipeline(hallo_conditioning=, mode=) or emo_pipeline.hallo.hallo_generate (auto: the "
+        help="ours through EMOPipeline(hallo_conditioning=, mode=) or emo_pipeline.hallo_conversion.hallo_generate "
+        "(auto: the "
         "pipeline where it takes hallo_conditioning)",
     )
     parser.add_argument(
@@ -716,7 +711,7 @@ def main() -> int:
     sys.path.insert(0, str(args.hallo_src))
     import diffusers
 
-    from emo_pipeline import hallo as emo_hallo
+    from emo_pipeline import hallo_conversion
 
     api = args.api
     if api == "auto":
@@ -744,7 +739,7 @@ def main() -> int:
             work_context.cleanup()  # net.pth is no longer needed: both sides hold the weights
     ours = {"models": models}
     if api == "pipeline":
-        ours["pipeline"] = emo_hallo.build_hallo_pipeline(models, hallo["vae"])
+        ours["pipeline"] = hallo_conversion.build_hallo_pipeline(models, hallo["vae"])
         ours["pipeline"].set_progress_bar_config(disable=True)
     install_timers(hallo, models)
     weights_before = fingerprint(hallo["net"])
@@ -784,7 +779,7 @@ def main() -> int:
     prefix = "ours" if api == "pipeline" else "hallo_generate"
     sides = [("hallo", lambda c, s: run_hallo(hallo, inputs, args, c, s))]
     sides += [(f"{prefix}-{m}", lambda c, s, m=m: run_ours(m, api, ours, hallo, inputs, args, c, s)) for m in modes]
-    sweep_api = "iter_clips" if api == "pipeline" else "iter_hallo_clips"  # streaming
+    sweep_api = "iter_clips"  # streaming (hallo_generate is the same loop, through the pipeline)
     sweep_sides = sides[:1] + [
         (f"{prefix}-{m} ({sweep_api})", lambda c, s, m=m: run_ours(m, sweep_api, ours, hallo, inputs, args, c, s))
         for m in args.sweep_modes.split(",")
@@ -831,7 +826,7 @@ def main() -> int:
             vae = copy.deepcopy(hallo["vae"]).to(torch.bfloat16)
             for method in ("encode", "decode"):  # the copied timers would call the shared float32 VAE
                 vars(vae).pop(method, None)
-            pipe = emo_hallo.build_hallo_pipeline(models, vae)
+            pipe = hallo_conversion.build_hallo_pipeline(models, vae)
             pipe.set_progress_bar_config(disable=True)
             if extra:
                 pipe.compile(components=("vae",))

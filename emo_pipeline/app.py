@@ -99,10 +99,12 @@ def generate(
     speed: float,
     scheduler: str,
     progress: Any = None,
+    face_analysis_dir: str | None = None,
 ) -> Iterator[tuple[str | None, str | None, str | None, str]]:
     """Generate one video; yields `(latest clip mp4, final mp4, final mp4 for download, status text)` after every
     clip and once at the end. Raises `EMOInputError` for bad input (the page shows it). If the caller stops the
-    iteration (the Stop button), nothing is left in `workdir`."""
+    iteration (the Stop button), nothing is left in `workdir`. `face_analysis_dir`: Hallo weights' insightface
+    models (the page's field; empty: none, EMO weights need none)."""
     import torch
 
     from emo_pipeline.media import VideoWriter
@@ -144,6 +146,11 @@ def generate(
             speed=speed_value,
             generator=torch.Generator().manual_seed(seed),
             callback_on_step_end=on_step,
+            **(
+                {"face_analysis_dir": face_analysis_dir.strip()}
+                if face_analysis_dir and face_analysis_dir.strip()
+                else {}
+            ),
         )
         plan = pipe.last_plan
         final = job / "emo.mp4"
@@ -187,11 +194,13 @@ def build_demo(
     dtype: str = "fp32",
     workdir: str | Path | None = None,
     model_editable: bool = True,
+    face_analysis_dir: str | None = None,
     speed: SpeedOptions | None = None,
 ) -> Any:
     """The Gradio Blocks page. `model`: the EMOPipeline folder or Hub id shown (and loaded) by default; None for
     the tiny random demo pipeline. `workdir`: where jobs write (default: a new temporary folder).
-    `model_editable`: whether visitors may pick another model (a folder of the server or any Hub id).
+    `model_editable`: whether visitors may pick another model (a folder of the server or any Hub id) and the face
+    analysis folder. `face_analysis_dir`: the insightface models Hallo weights need (the field's default).
     `speed`: the speed switches applied to every model it loads (`SpeedOptions`)."""
     import gradio as gr
 
@@ -200,7 +209,19 @@ def build_demo(
     work.mkdir(parents=True, exist_ok=True)
     defaults = demo_defaults(model is None)
 
-    def run(image, audio, model_id, steps, guidance_scale, seed, size, speed, scheduler, progress=gr.Progress()):  # noqa: B008
+    def run(
+        image,
+        audio,
+        model_id,
+        steps,
+        guidance_scale,
+        seed,
+        size,
+        speed,
+        scheduler,
+        face_dir,
+        progress=gr.Progress(),  # noqa: B008
+    ):
         # Hand Gradio the running generator at once: Stop closes the generator Gradio holds, and Gradio holds it
         # only after its first value. Without this, Stop during the first clip would orphan the job.
         yield None, None, None, "Checking the inputs…"
@@ -218,6 +239,7 @@ def build_demo(
                 speed,
                 scheduler,
                 progress,
+                face_analysis_dir=face_dir if model_editable else face_analysis_dir,
             )
         except EMOInputError as error:
             raise gr.Error(_user_paths(str(error), image, audio), duration=None, print_exception=False) from None
@@ -260,6 +282,13 @@ def build_demo(
                     scheduler = gr.Dropdown(
                         [MODEL_DEFAULT_SCHEDULER, *SCHEDULER_NAMES], value=MODEL_DEFAULT_SCHEDULER, label="Sampler"
                     )
+                    face_dir = gr.Textbox(
+                        label="Face analysis folder (Hallo weights: insightface models, e.g. "
+                        "pretrained_models/face_analysis)",
+                        value=face_analysis_dir or "",
+                        elem_id="face-analysis-dir",
+                        interactive=model_editable,
+                    )
                 with gr.Row():
                     start = gr.Button("Generate", variant="primary", elem_id="generate")
                     stop = gr.Button("Stop", elem_id="stop")
@@ -270,7 +299,7 @@ def build_demo(
                 download = gr.File(label="Download mp4", elem_id="download")
         event = start.click(
             run,
-            [image, audio, model_box, steps, guidance, seed, size, speed, scheduler],
+            [image, audio, model_box, steps, guidance, seed, size, speed, scheduler, face_dir],
             [latest, final, download, status],
             # One job at a time: the one pipeline keeps per-run state (last_plan, clip_index); others queue.
             concurrency_limit=1,
@@ -305,6 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights' precision (default: fp32)")
     parser.add_argument(
+        "--face-analysis-dir",
+        metavar="DIR",
+        help="Hallo weights: insightface models (pretrained_models/face_analysis) for the page's default",
+    )
+    parser.add_argument(
         "--no-preload", action="store_true", help="load the model on the first job, not at start (default: at start)"
     )
     add_speed_arguments(parser)
@@ -328,7 +362,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up requests
     # Only a page served to this machine alone lets its visitor load another model (any folder of the server).
     private = args.host in ("127.0.0.1", "localhost", "::1") and not args.share
-    demo = build_demo(args.model, args.device, args.dtype, model_editable=private, speed=speed)
+    demo = build_demo(
+        args.model,
+        args.device,
+        args.dtype,
+        model_editable=private,
+        face_analysis_dir=args.face_analysis_dir,
+        speed=speed,
+    )
     if not args.no_preload:
         try:
             demo.emo_holder.get(args.model)

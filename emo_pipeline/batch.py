@@ -180,6 +180,7 @@ def run_batch(
     watermark: bool = True,
     max_audio_seconds: float | None = 3600.0,
     progress: bool = True,
+    family_settings: dict[str, Any] | None = None,
 ) -> BatchSummary:
     """Run `jobs` over all processes of the current launch (accelerate, torchrun, or just this one).
 
@@ -191,6 +192,11 @@ def run_batch(
         failures_path: `failures.jsonl` to (re)write: one line per failed job, as it fails.
         device: default: this process's accelerator (`PartialState().device`), else CPU.
         speed: `emo_pipeline.cli._common.SpeedOptions` (attention backend, compile, quantize, step cache, offload).
+        family_settings: settings of the model's weight family for every job (emo-animate's `--mode`,
+            `--face-analysis-dir`, `--vocal-separation`); a model of another family refuses them (each job fails).
+
+    A model that fails to load in any process ends the whole run: every process raises that `EMOInputError`
+    (none is left waiting for the others).
 
     Returns:
         The `BatchSummary` of all processes (every process gets the same one).
@@ -241,16 +247,27 @@ def run_batch(
                 continue
             ready.append((job, settings, size))
 
-        pipe = None
+        pipe, load_error = None, None
         if ready:
-            pipe = load_pipeline(
-                model,
-                device=device or str(state.device),
-                dtype=dtype,
-                notice=state.is_main_process,
-                speed=speed,
-            )
-            default_scheduler = pipe.scheduler
+            try:
+                pipe = load_pipeline(
+                    model,
+                    device=device or str(state.device),
+                    dtype=dtype,
+                    notice=state.is_main_process,
+                    speed=speed,
+                )
+                default_scheduler = pipe.scheduler
+            except Exception as error:  # noqa: BLE001 - reported to every process below, then raised
+                load_error = f"{label}cannot load the model: {error}"
+        if state.num_processes > 1:  # every process learns whether any failed, instead of waiting in gather_object
+            errors = [e for e in gather_object([load_error]) if e is not None]
+        else:
+            errors = [load_error] if load_error is not None else []
+        if errors:
+            if state.num_processes > 1:
+                state.destroy_process_group()
+            raise EMOInputError("; ".join(errors))
         for number, (job, settings, size) in enumerate(ready, start=1):
             steps = settings.get("steps") or fallback["steps"]
             bar = StepProgress(steps, label=f"{label}job {number}/{len(ready)} ", disable=not progress)
@@ -275,6 +292,7 @@ def run_batch(
                     max_audio_seconds=max_audio_seconds,
                     callback_on_step_end=bar,
                     **clip_lengths(settings.get("frames_per_clip"), settings.get("motion_frames")),
+                    **(family_settings or {}),
                 )
             except EMOInputError as error:
                 bar.close()

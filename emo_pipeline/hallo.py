@@ -10,10 +10,11 @@ reference bank) in terms of the backbone's forward arguments. No network code of
 
 As a pipeline (what `emo-convert --hallo pretrained_models --output DIR` writes)::
 
-    pipe = load_hallo_pipeline("pretrained_models")              # or EMOPipeline.from_pretrained(DIR)
+    pipe = load_hallo_pipeline("pretrained_models")   # emo_pipeline.hallo_conversion; or EMOPipeline.from_pretrained
     pipe.write_video("out.mp4", "portrait.jpg", "speech.wav", mode="fast")     # or mode="parity"
 
-`iter_hallo_clips` is the clip loop of both modes; `emo_pipeline.hallo_inputs` computes Hallo's conditioning from
+Both modes run through the pipeline's one sampling loop (`emo_pipeline.sampling`; the family module
+`emo_pipeline.families.hallo`); `emo_pipeline.hallo_inputs` computes Hallo's conditioning from
 a portrait and a track (landmarks -> masks, insightface embedding, wav2vec2 features).
 
 The networks alone (a released `net.pth` with SD1.5's `unet/config.json`)::
@@ -27,14 +28,13 @@ The networks alone (a released `net.pth` with SD1.5's `unet/config.json`)::
 from __future__ import annotations
 
 import json
-import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import DDIMScheduler, UNet2DConditionModel
 
 from emo_pipeline.audio import FeatureWindows
 from emo_pipeline.errors import EMOInputError
@@ -45,23 +45,16 @@ from emo_pipeline.models.reference_net import ReferenceNet
 from emo_pipeline.models.utils import quiet_diffusers
 
 __all__ = [
-    "HALLO_GENERATION_DEFAULTS",
-    "HALLO_LAYOUT",
     "HALLO_MODES",
     "HALLO_PREFIXES",
     "HalloConditioning",
     "HalloModels",
     "build_hallo_models",
-    "build_hallo_pipeline",
     "check_hallo_state_dict",
-    "check_motion_module",
     "convert_hallo_state_dict",
-    "hallo_generate",
     "hallo_scheduler",
     "infer_hallo_sizes",
-    "iter_hallo_clips",
     "load_hallo_models",
-    "load_hallo_pipeline",
     "load_hallo_state_dict",
     "load_hallo_weights",
 ]
@@ -463,147 +456,6 @@ class HalloConditioning:
         return self.audio_features[index.to(self.audio_features.device)]
 
 
-@torch.no_grad()
-def iter_hallo_clips(
-    models: HalloModels,
-    vae: AutoencoderKL,
-    scheduler: DDIMScheduler,
-    conditioning: HalloConditioning,
-    *,
-    mode: str = "parity",
-    num_frames: int = 16,
-    num_motion_frames: int = 2,
-    num_inference_steps: int = 40,
-    guidance_scale: float = 3.5,
-    motion_scale: tuple[float, float, float] = (1.0, 1.0, 1.0),
-    generator: torch.Generator | None = None,
-    motion_frame_mask_rate: float | None = None,
-    eta: float = 0.0,
-    precompute: bool = True,
-    on_clip_start: Callable[[int], None] | None = None,
-    on_step: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
-    interrupted: Callable[[], bool] | None = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Hallo's clip loop, one clip at a time: yields `(latents (1, 4, f, h, w), frames)` per clip.
-
-    mode "parity": Hallo's `scripts/inference.py:285-343` with `FaceAnimatePipeline` exactly: the ReferenceNet runs
-        `[source, motion frames]` once per clip, the bank is rounded to `models.bank_dtype` (fp16), the first clip's
-        motion frames are the source image, later ones the last decoded frames re-encoded by the VAE, each clip
-        decoded one frame at a time; `frames (f, 3, H, W)` float32 in [0, 1]. Latents in the models' dtype.
-    mode "fast": the same networks and conditioning with nothing computed twice: the source image through the
-        ReferenceNet once per video and its keys/values projected once (`prepare_reference`), only the motion frames
-        per clip, taken from the previous clip's last latents (no decode/encode round trip), no bank rounding,
-        latents and scheduler in float32; `frames` is None (the caller decodes the latents, in chunks).
-    generator: CPU generator shared by the clips (Hallo: `torch.manual_seed(42)`): each clip draws its initial noise
-        `(1, 4, f, h, w)` from it, so both modes start every clip from the same noise.
-    motion_frame_mask_rate: Hallo2 (`inference_long.py`, parity mode): before each clip's noise, one `rand(H, W)` mask
-        keeps motion-frame pixels where `> rate` or inside the face box (0.25 released); None for Hallo.
-    guidance_scale: a number, or a function read at every step (a pipeline callback may change it); <= 1 takes the
-        conditional branch alone, as Hallo does.
-    precompute: project the reference keys/values once (False under offload hooks, where the backbone's weights
-        are only in place inside its forward).
-    on_clip_start(clip), on_step(step, timestep, latents) -> new latents or None, interrupted() -> bool (checked
-        before every step; the clip in progress is returned as it stands, then the loop ends): a pipeline's hooks.
-    """
-    if mode not in HALLO_MODES:
-        raise EMOInputError(f"mode must be one of {HALLO_MODES}, got {mode!r}")
-    if mode == "fast" and motion_frame_mask_rate is not None:
-        raise EMOInputError(
-            "motion_frame_mask_rate masks decoded motion-frame pixels (Hallo2): use it with mode='parity'; the fast "
-            "mode keeps motion frames as latents"
-        )
-    window = models.backbone.audio_proj.config.window_size
-    conditioning.check(window)
-    n, f = num_motion_frames, num_frames
-    dtype = next(models.backbone.parameters()).dtype
-    device = next(models.backbone.parameters()).device
-    source_image = conditioning.source_image.to(device)
-    face_region = conditioning.face_region.to(device)
-    region_masks = {
-        level: tuple(mask.to(device=device, dtype=dtype) for mask in masks)
-        for level, masks in conditioning.region_masks.items()
-    }
-    id_tokens = models.identity_tokens(conditioning.face_embedding.to(device=device, dtype=dtype))
-    face = models.face_features(face_region.to(dtype))
-    num_clips = math.ceil(conditioning.num_frames / f)
-    source_latents = motion_pixels = source = None
-    if mode == "parity":
-        motion_pixels = source_image.repeat(n, 1, 1, 1)  # clip 0: the source image itself
-    else:
-        source_latents = vae.encode(source_image.to(vae.dtype)).latent_dist.mean * HALLO_VAE_SCALE
-        source = models.encode_source(source_latents.to(dtype), id_tokens, n)
-        if precompute:
-            source = models.backbone.prepare_reference(source)
-        motion_latents = source_latents.repeat(n, 1, 1, 1)  # clip 0: the source image itself
-    for clip in range(num_clips):
-        if on_clip_start is not None:
-            on_clip_start(clip)
-        start = clip * f
-        if mode == "parity":
-            if motion_frame_mask_rate is not None:
-                height, width = source_image.shape[-2:]
-                keep = torch.rand(height, width, generator=generator) > motion_frame_mask_rate
-                motion_pixels = motion_pixels * (keep.to(device) | (face_region[0, 0] > 0))
-            ref_pixels = torch.cat([source_image, motion_pixels]).to(vae.dtype)
-            ref_latents = vae.encode(ref_pixels).latent_dist.mean * HALLO_VAE_SCALE
-            reference = models.encode_reference(ref_latents.to(dtype), id_tokens)
-            latent_dtype = dtype
-        else:
-            temporal = models.encode_motion(motion_latents.to(dtype), id_tokens)
-            reference = ReferenceFeatures(
-                spatial=source.spatial, temporal=temporal, key_value=source.key_value, tiled=True
-            )
-            ref_latents = source_latents
-            latent_dtype = torch.float32
-        height, width = ref_latents.shape[-2:]
-        latents = torch.randn((1, ref_latents.shape[1], f, height, width), generator=generator).to(device)
-        latents = (latents * scheduler.init_noise_sigma).to(latent_dtype)
-        windows = conditioning.audio_windows(start, start + f, window)[None].to(device=device, dtype=dtype)
-        inputs = models.guidance_inputs(id_tokens, models.audio_tokens(windows), face, region_masks, motion_scale)
-        scheduler.set_timesteps(num_inference_steps, device=device)
-        for step, t in enumerate(scheduler.timesteps):
-            if interrupted is not None and interrupted():
-                break
-            eps = models.step(latents.to(dtype), t, reference, inputs)
-            uncond, cond = eps.to(latent_dtype).chunk(2)
-            scale = guidance_scale() if callable(guidance_scale) else guidance_scale
-            guided = uncond + scale * (cond - uncond) if scale > 1 else cond
-            latents = scheduler.step(guided, t, latents, eta=eta, return_dict=False)[0]
-            if on_step is not None:
-                replaced = on_step(step, t, latents)
-                latents = latents if replaced is None else replaced.to(latent_dtype)
-        if mode == "fast":
-            motion_latents = latents[0, :, f - n :].permute(1, 0, 2, 3)
-            yield latents.float(), None
-        else:
-            frames = latents[0].permute(1, 0, 2, 3) / HALLO_VAE_SCALE  # (f, 4, h, w), decoded one frame at a time
-            frames = torch.cat([vae.decode(frame[None].to(vae.dtype)).sample for frame in frames])
-            frames = (frames / 2 + 0.5).clamp(0, 1).float()  # (f, 3, H, W)
-            motion_pixels = frames[f - n :].to(source_image.dtype) * 2.0 - 1.0
-            yield latents.float(), frames
-        if interrupted is not None and interrupted():
-            return
-
-
-@torch.no_grad()
-def hallo_generate(
-    models: HalloModels,
-    vae: AutoencoderKL,
-    scheduler: DDIMScheduler,
-    conditioning: HalloConditioning,
-    **options,
-) -> torch.Tensor:
-    """The whole video of `iter_hallo_clips` (keyword `options` as there, default mode "parity"):
-    `(1, 3, audio_length, H, W)` frames in [0, 1] (float32)."""
-    clips = []
-    for latents, frames in iter_hallo_clips(models, vae, scheduler, conditioning, **options):
-        if frames is None:
-            frames = latents[0].permute(1, 0, 2, 3) / HALLO_VAE_SCALE
-            frames = (vae.decode(frames.to(vae.dtype)).sample / 2 + 0.5).clamp(0, 1).float()
-        clips.append(frames)
-    return torch.cat(clips)[: conditioning.num_frames].permute(1, 0, 2, 3)[None]
-
-
 def build_hallo_models(
     unet_config: dict | str | os.PathLike,
     audio_projection_config: dict | None = None,
@@ -723,169 +575,3 @@ def load_hallo_models(
     state = load_hallo_state_dict(path)
     sizes = infer_hallo_sizes(state, audio_dim=audio_dim, window_size=window_size)
     return load_hallo_weights(build_hallo_models(unet_config, **sizes), state)
-
-
-# ------------------------------------------------------------------------------------------ pipeline conversion
-
-HALLO_REPO = "https://github.com/fudan-generative-vision/hallo"
-HALLO2_REPO = "https://github.com/fudan-generative-vision/hallo2"
-# Hallo's inference defaults (configs/inference/default.yaml): the converted pipeline's own generation defaults.
-HALLO_GENERATION_DEFAULTS = {
-    "height": 512,
-    "width": 512,
-    "fps": 25,
-    "num_frames_per_clip": 16,
-    "num_motion_frames": 2,
-    "num_inference_steps": 40,
-    "guidance_scale": 3.5,
-}
-# The release's `pretrained_models/` folder (Hallo's README), relative paths.
-HALLO_LAYOUT = {
-    "net": "hallo/net.pth",
-    "unet_config": "stable-diffusion-v1-5/unet/config.json",
-    "vae": "sd-vae-ft-mse",
-    "wav2vec": "wav2vec/wav2vec2-base-960h",
-    "motion_module": "motion_module/mm_sd_v15_v2.ckpt",
-    "face_analysis": "face_analysis",
-    "audio_separator": "audio_separator/Kim_Vocal_2.onnx",
-}
-
-
-def build_hallo_pipeline(
-    models: HalloModels,
-    vae: AutoencoderKL,
-    audio_encoder=None,
-    feature_extractor=None,
-    scheduler: DDIMScheduler | None = None,
-    metadata: dict | None = None,
-):
-    """An `EMOPipeline` running Hallo's networks: `models` (e.g. `load_hallo_models`), the SD VAE Hallo uses
-    (sd-vae-ft-mse), wav2vec2 (`Wav2Vec2Model` + its feature extractor; may be None when every call passes
-    `hallo_conditioning=`) and Hallo's scheduler (default `hallo_scheduler()`).
-
-    Its `emo_metadata` carries Hallo's generation defaults (`HALLO_GENERATION_DEFAULTS`) and `metadata`.
-    """
-    from emo_pipeline.pipeline_emo import EMOPipeline
-
-    if abs(vae.config.scaling_factor - HALLO_VAE_SCALE) > 1e-9:
-        raise EMOInputError(
-            f"the VAE's scaling_factor is {vae.config.scaling_factor}, but Hallo's weights were trained on SD's "
-            f"{HALLO_VAE_SCALE} (sd-vae-ft-mse): pass that VAE"
-        )
-    pipe = EMOPipeline(
-        vae=vae,
-        reference_net=models.reference_net,
-        unet=models.backbone,
-        audio_encoder=audio_encoder,
-        feature_extractor=feature_extractor,
-        scheduler=scheduler or hallo_scheduler(),
-        identity_proj=models.identity_proj,
-    )
-    metadata = dict(metadata or {})
-    metadata["family"] = metadata.get("family", "hallo")
-    metadata["generation_defaults"] = {**HALLO_GENERATION_DEFAULTS, **metadata.get("generation_defaults", {})}
-    pipe.emo_metadata = metadata
-    return pipe
-
-
-def _required(root: Path, relative: str, what: str) -> Path:
-    path = root / relative
-    if not path.exists():
-        raise EMOInputError(
-            f"{path} is missing ({what}); expected Hallo's pretrained_models layout: "
-            + ", ".join(f"{v}" for k, v in HALLO_LAYOUT.items() if k not in ("motion_module", "audio_separator"))
-        )
-    return path
-
-
-def check_motion_module(motion_module: str | os.PathLike, state: dict[str, torch.Tensor]) -> int:
-    """Every tensor of AnimateDiff's `mm_sd_v15_v2.ckpt` must be overwritten by `net.pth` (Hallo loads the motion
-    module first, then net.pth strictly, which holds them under `denoising_unet.`), so the file adds nothing.
-
-    Returns the number of tensors checked; raises `EMOInputError` listing those net.pth lacks (Hallo would run them
-    from the motion-module file, which this conversion does not read).
-    """
-    path = Path(motion_module)
-    try:
-        module = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:  # noqa: BLE001 - any reader failure means the same thing to the user
-        raise EMOInputError(
-            f"cannot read the motion module {path} (AnimateDiff's mm_sd_v15_v2.ckpt): {error}"
-        ) from error
-    module = module.get("state_dict", module) if isinstance(module, dict) else module
-    if not isinstance(module, dict) or not module:
-        raise EMOInputError(f"{path} is not an AnimateDiff motion-module state dict")
-    uncovered = [key for key in module if f"denoising_unet.{key}" not in state]
-    if uncovered:
-        raise EMOInputError(
-            f"{len(uncovered)} tensors of the motion module {path} are not in net.pth (e.g. {uncovered[:3]}): "
-            "this is not the motion module the checkpoint was trained with, or net.pth is incomplete"
-        )
-    return len(module)
-
-
-def load_hallo_pipeline(
-    pretrained_models: str | os.PathLike,
-    net: str | os.PathLike | None = None,
-    torch_dtype: torch.dtype | None = None,
-):
-    """The `EMOPipeline` of Hallo's (or Hallo2's) release folder `pretrained_models/` (layout: `HALLO_LAYOUT`).
-
-    `net`: the checkpoint to load (default `hallo/net.pth`; Hallo2: `hallo2/net.pth`), relative to the folder or a
-    path. Every key of net.pth is placed (`load_hallo_weights`), and the motion module, when present, is checked to
-    be fully overwritten by net.pth (`check_motion_module`). The insightface models and the vocal separator stay
-    where they are: their paths become the pipeline's defaults (`face_analysis_dir`, `audio_separator_model`).
-    Raises `EMOInputError` naming a missing or unreadable file.
-    """
-    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
-
-    root = Path(pretrained_models).expanduser()
-    if not root.is_dir():
-        raise EMOInputError(f"--hallo {root}: not a folder (Hallo's pretrained_models/)")
-    if net is None:
-        net_path = _required(root, HALLO_LAYOUT["net"], "Hallo's networks")
-    else:
-        net_path = Path(net).expanduser()
-        net_path = root / net_path if not net_path.is_absolute() and (root / net_path).exists() else net_path
-        if not net_path.is_file():
-            raise EMOInputError(f"net.pth {net_path} does not exist (e.g. hallo2/net.pth for Hallo2)")
-    unet_config = _required(root, HALLO_LAYOUT["unet_config"], "SD1.5's UNet config")
-    vae_dir = _required(root, HALLO_LAYOUT["vae"], "the VAE")
-    wav2vec_dir = _required(root, HALLO_LAYOUT["wav2vec"], "wav2vec2-base-960h")
-
-    state = load_hallo_state_dict(net_path)
-    motion_module = root / HALLO_LAYOUT["motion_module"]
-    checked = check_motion_module(motion_module, state) if motion_module.exists() else 0
-    wav2vec_config = Wav2Vec2Config.from_pretrained(wav2vec_dir)
-    sizes = infer_hallo_sizes(state, audio_dim=wav2vec_config.hidden_size)
-    models = load_hallo_weights(build_hallo_models(unet_config, **sizes), state)
-    del state
-    try:
-        vae = AutoencoderKL.from_pretrained(vae_dir)
-        audio_encoder = Wav2Vec2Model.from_pretrained(wav2vec_dir)
-        feature_extractor = Wav2Vec2FeatureExtractor.from_pretrained(wav2vec_dir)
-    except (OSError, ValueError) as error:
-        raise EMOInputError(f"cannot load a model of {root}: {error}") from error
-    variant = "hallo2" if "hallo2" in net_path.parts else "hallo"
-    defaults = {}
-    if (root / HALLO_LAYOUT["face_analysis"]).is_dir():
-        defaults["face_analysis_dir"] = str((root / HALLO_LAYOUT["face_analysis"]).resolve())
-    if (root / HALLO_LAYOUT["audio_separator"]).is_file():
-        defaults["audio_separator_model"] = str((root / HALLO_LAYOUT["audio_separator"]).resolve())
-    metadata = {
-        "family": variant,
-        "license": "other",  # MIT code; the weights' terms are upstream's (see the model card)
-        "source": HALLO2_REPO if variant == "hallo2" else HALLO_REPO,
-        "converted_from": {
-            "net": str(net_path),
-            "motion_module": f"{motion_module} ({checked} tensors, all overwritten by net.pth)" if checked else None,
-            "vae": str(vae_dir),
-            "audio_encoder": str(wav2vec_dir),
-        },
-        "base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-        "audio_encoder": "facebook/wav2vec2-base-960h",
-        "converted_with": f"emo-convert --hallo {root}" + (f" --net {net}" if net is not None else ""),
-        "generation_defaults": defaults,
-    }
-    pipe = build_hallo_pipeline(models, vae, audio_encoder.eval(), feature_extractor, metadata=metadata)
-    return pipe.to(dtype=torch_dtype) if torch_dtype is not None else pipe

@@ -125,7 +125,10 @@ HALLO_LICENSE_NOTE = (
     "particular). They build on Stable Diffusion 1.5 (CreativeML OpenRAIL-M, with its use restrictions) and "
     "wav2vec2; the insightface face-analysis models {family} uses for the identity embedding are released for non-"
     "commercial research only, and Hallo2's CodeFormer super-resolution (not part of this pipeline) is under a non-"
-    "commercial licence. emo-pipeline's own code is Apache-2.0."
+    "commercial licence. emo-pipeline's own code is Apache-2.0. Not in this folder (nothing of the converting "
+    "machine is stored): the insightface models (InsightFace, non-commercial research only) are given when "
+    "generating with `face_analysis_dir=` / `--face-analysis-dir` (or the embedding with `face_embedding=`), and "
+    "vocal separation is opt-in with `vocal_separation=` / `--vocal-separation MODEL` (an audio-separator model)."
 )
 
 
@@ -308,7 +311,8 @@ emo-pipeline marks its output by default: every frame carries an **invisible wat
 def write_model_card(folder: str | os.PathLike, metadata: dict | None = None, repo_id: str | None = None) -> Path:
     """Write `folder/README.md`; metadata defaults to the folder's `emo_metadata.json`. Returns the README path.
 
-    Without `repo_id` the usage example loads the folder's own path.
+    Without `repo_id` the usage example loads `path/to/<folder name>`: a card names no path of the machine that
+    wrote it (the folder may be moved or uploaded), nor the `.partial-<pid>` name of a folder still being written.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -317,7 +321,8 @@ def write_model_card(folder: str | os.PathLike, metadata: dict | None = None, re
         raise EMOInputError(f"model card: {folder} is not a folder")
     if metadata is None:
         metadata = read_metadata(folder)
-    card = build_model_card(metadata, repo_id=repo_id or str(folder))
+    name = re.sub(r"\.partial-\d+$", "", folder.name)
+    card = build_model_card(metadata, repo_id=repo_id or f"path/to/{name}")
     path = folder / "README.md"
     card.save(path)
     return path

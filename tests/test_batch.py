@@ -136,3 +136,46 @@ def test_two_processes_write_every_good_output_once_record_the_bad_job_and_resum
     assert "4 jobs: 1 written, 3 skipped (output existed), 0 failed" in capsys.readouterr().out
     assert not (job_folder / "failures.jsonl").exists()
     assert video_frames(job_folder / "out" / "bad.mp4")[0] == 15
+
+
+def test_family_options_reach_every_job_or_are_refused(job_folder, tmp_path, capsys):
+    """--mode (and --face-analysis-dir, --vocal-separation) go to every job: the demo model (EMO weights) refuses
+    them in each job, naming them, instead of silently running fast mode; a per-portrait --face-embedding is refused
+    with --jobs."""
+    jobs = tmp_path / "jobs.csv"
+    jobs.write_text(
+        f"image,audio,output\n{job_folder / 'portrait.png'},{job_folder / 'short.wav'},{tmp_path / 'a.mp4'}\n"
+    )
+    assert animate.main(["--jobs", str(jobs), "--steps", "1", "--no-progress", "--mode", "parity"]) == 1
+    assert "['mode'] apply to Hallo / Hallo2 weights only" in capsys.readouterr().err
+    assert not (tmp_path / "a.mp4").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        animate.main(["--jobs", str(jobs), "--face-embedding", str(tmp_path / "e.npy")])
+    assert exit_info.value.code == 2 and "--face-embedding is one portrait's identity" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_model_that_fails_to_load_in_one_process_ends_every_process_with_the_error(job_folder, tmp_path):
+    """Rank 0 has a good job and loads the model (which fails); rank 1's only job fails its input check, so it never
+    loads: it must not wait for rank 0 in gather_object but end with the same error. Exit 2 everywhere, no output."""
+    jobs = tmp_path / "jobs.csv"
+    folder = job_folder
+    jobs.write_text(
+        "image,audio,output\n"
+        f"{folder / 'portrait.png'},{folder / 'short.wav'},{tmp_path / 'a.mp4'}\n"
+        f"{folder / 'notes.txt'},{folder / 'short.wav'},{tmp_path / 'b.mp4'}\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        + ["-m", "emo_pipeline.cli.animate", "--jobs", str(jobs), "--model", str(tmp_path / "no-such-model")]
+        + ["--steps", "1", "--no-progress"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        timeout=240,
+    )
+    assert result.returncode != 0
+    errors = re.findall(r"error: \[rank 0\] cannot load the model: .*no-such-model", result.stderr)
+    assert len(errors) == 2, result.stderr  # printed by both processes
+    assert not (tmp_path / "a.mp4").exists() and not (tmp_path / "b.mp4").exists()

@@ -288,7 +288,8 @@ def test_hallo_generate_reproduces_the_golden_video(models: HalloModels, variant
     """The whole clip loop, free-running from Hallo's seed: frames within Hallo's own float-noise floor."""
     from diffusers import AutoencoderKL
 
-    from emo_pipeline.hallo import hallo_generate, hallo_scheduler
+    from emo_pipeline.hallo import hallo_scheduler
+    from emo_pipeline.hallo_conversion import hallo_generate
 
     folder = GOLDENS.parent / variant
     meta = json.loads((folder / "metadata.json").read_text())

@@ -18,7 +18,8 @@ from hallo_goldens import GOLDENS, golden, golden_conditioning
 
 from emo_pipeline.cli.convert import main as convert
 from emo_pipeline.errors import EMOInputError
-from emo_pipeline.hallo import HALLO_LAYOUT, HalloConditioning
+from emo_pipeline.hallo import HalloConditioning
+from emo_pipeline.hallo_conversion import HALLO_LAYOUT
 from emo_pipeline.testing import demo_assets
 
 SIZE = 64
@@ -222,18 +223,24 @@ def test_hallo_and_sd15_sources_are_exclusive(tmp_path, capsys) -> None:
 def test_a_portrait_and_a_track_go_through_hallos_front_end_into_an_mp4(pipe, converted: Path, tmp_path) -> None:
     """The whole path with the converted folder: face crop, landmarks -> Hallo's masks, wav2vec2 interpolated before
     its transformer, both modes, streamed to an mp4 (the insightface embedding passed, no models offline)."""
+    import wave
+
     import av
 
     from emo_pipeline.cli.animate import main as animate
 
-    portrait, speech = demo_assets()
+    portrait, full_speech = demo_assets()
+    speech = tmp_path / "speech.wav"  # the demo track's first 0.7 s: 18 frames, 2 clips
+    with wave.open(str(full_speech)) as source, wave.open(str(speech), "wb") as target:
+        target.setparams(source.getparams())
+        target.writeframes(source.readframes(int(source.getframerate() * 0.7)))
     embedding = np.random.default_rng(0).standard_normal(512).astype(np.float32)
     settings = {"height": SIZE, "width": SIZE, "num_inference_steps": 1, "face_embedding": embedding}
     path = pipe.write_video(tmp_path / "fast.mp4", portrait, speech, **settings)
     plan = pipe.last_plan
-    assert plan.num_frames == 85 and plan.num_clips == 6  # ceil(3.37 s * 25); 16 frames per clip (Hallo's default)
+    assert plan.num_frames == 18 and plan.num_clips == 2  # ceil(0.7 s * 25); 16 frames per clip (Hallo's default)
     with av.open(str(path)) as container:
-        assert container.streams.video[0].frames == 85 and container.streams.audio
+        assert container.streams.video[0].frames == 18 and container.streams.audio
     np.save(tmp_path / "embedding.npy", embedding)
     output = tmp_path / "parity.mp4"
     code = animate(
@@ -270,3 +277,87 @@ def test_audio_features_in_chunks_give_the_same_video_and_serve_one_generation(p
     assert torch.equal(run(pipe, chunked, num_inference_steps=1), expected)
     with pytest.raises(EMOInputError, match="consumed by an earlier generation"):
         run(pipe, chunked, num_inference_steps=1)
+
+
+def test_a_converted_folder_works_after_being_moved_and_stores_nothing_of_the_machine(
+    converted: Path, release: Path, tmp_path
+) -> None:
+    """Portable: convert, move the folder elsewhere, load, generate. No path of the converting machine is stored
+    (the insightface models and the vocal separator are given at call time), and vocal separation is off."""
+    from emo_pipeline import EMOPipeline
+
+    stored = "".join(p.read_text() for p in converted.rglob("*.json")) + (converted / "README.md").read_text()
+    assert str(release) not in stored and str(converted) not in stored and str(Path.home()) not in stored
+    metadata = json.loads((converted / "emo_metadata.json").read_text())
+    assert "face_analysis_dir" not in metadata["generation_defaults"]
+    assert not any(key in metadata["generation_defaults"] for key in ("audio_separator_model", "vocal_separation"))
+    copy = tmp_path / "copy"
+    shutil.copytree(converted, copy)
+    moved = shutil.move(copy, tmp_path / "elsewhere" / "hallo-emo")
+    pipe = EMOPipeline.from_pretrained(moved)
+    pipe.set_progress_bar_config(disable=True)
+    data = golden("hallo")
+    frames = run(pipe, golden_conditioning(data["inputs"], 16), num_inference_steps=1)
+    assert frames.shape == (16, 3, SIZE, SIZE) and torch.isfinite(frames).all()
+
+
+def test_bad_face_analysis_vocal_separation_and_sampler_inputs_exit_2_naming_them(pipe, converted, tmp_path, capsys):
+    """A face-analysis folder that is missing or lacks a model, a vocal-separation model that does not exist, a
+    sampler parity mode cannot use: EMOInputError naming it (before any work), exit 2 from the CLI, no file."""
+    from emo_pipeline.cli.animate import main as animate
+
+    portrait, speech = demo_assets()
+    audio = np.zeros(16000, dtype=np.float32)
+    with pytest.raises(EMOInputError, match=r"face analysis folder .*no-such-dir.* does not exist"):
+        pipe(portrait, audio, height=SIZE, width=SIZE, face_analysis_dir=tmp_path / "no-such-dir")
+    partial = tmp_path / "face_analysis"
+    (partial / "models").mkdir(parents=True)
+    (partial / "models" / "scrfd_10g_bnkps.onnx").write_bytes(b"x")
+    with pytest.raises(EMOInputError, match=r"lacks them .*glintr100.onnx"):
+        pipe(portrait, audio, height=SIZE, width=SIZE, face_analysis_dir=partial)
+    embedding = np.zeros(512, dtype=np.float32)
+    with pytest.raises(EMOInputError, match=r"vocal_separation model .*Kim_Vocal_2.onnx.* does not exist"):
+        pipe(portrait, audio, height=SIZE, width=SIZE, face_embedding=embedding, vocal_separation="Kim_Vocal_2.onnx")
+    cases = [
+        (["--face-analysis-dir", str(partial)], "glintr100.onnx"),
+        (["--face-analysis-dir", str(partial.parent)], "face analysis folder"),
+        (["--vocal-separation", str(tmp_path / "Kim_Vocal_2.onnx"), "--face-analysis-dir", str(partial)], "onnx"),
+        (["--mode", "parity", "--scheduler", "dpm++", "--face-analysis-dir", str(partial)], "mode='parity'"),
+    ]
+    for index, (options, message) in enumerate(cases):
+        output = tmp_path / f"out{index}.mp4"
+        code = animate(
+            ["--model", str(converted), "--image", str(portrait), "--audio", str(speech), "--output", str(output)]
+            + ["--height", str(SIZE), "--steps", "1", "--no-progress", *options]
+        )
+        assert code == 2 and message in capsys.readouterr().err and not output.exists(), options
+
+
+def test_vocal_separation_is_opt_in_and_runs_at_the_tracks_own_rate(pipe, tmp_path, monkeypatch) -> None:
+    """Hallo separates the vocals of the file as it is (here 44.1 kHz), then resamples them to 16 kHz; without
+    `vocal_separation` nothing is separated."""
+    import wave
+
+    from emo_pipeline import hallo_inputs
+
+    rate, seconds = 44100, 0.5
+    samples = (np.random.default_rng(0).standard_normal(int(rate * seconds)) * 3000).astype(np.int16)
+    track = tmp_path / "speech.wav"
+    with wave.open(str(track), "wb") as file:
+        file.setnchannels(1), file.setsampwidth(2), file.setframerate(rate), file.writeframes(samples.tobytes())
+    model = tmp_path / "Kim_Vocal_2.onnx"
+    model.write_bytes(b"stand-in")
+    calls = []
+
+    def separate(audio, sample_rate, model_dir, model_name, *, output_sample_rate=None):
+        calls.append((len(audio), sample_rate, Path(model_dir) / model_name, output_sample_rate))
+        return np.zeros(int(seconds * output_sample_rate), dtype=np.float32)
+
+    monkeypatch.setattr(hallo_inputs, "separate_vocals", separate)
+    portrait, _ = demo_assets()
+    options = {"height": SIZE, "width": SIZE, "num_inference_steps": 1, "output_type": "latent", "watermark": False}
+    options["face_embedding"] = np.zeros(512, dtype=np.float32)
+    pipe(portrait, track, **options)
+    assert calls == []  # opt-in
+    pipe(portrait, track, vocal_separation=model, **options)
+    assert calls == [(int(rate * seconds), rate, model, 16000)]

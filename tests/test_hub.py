@@ -105,7 +105,8 @@ def test_write_model_card_reads_the_folder_metadata(tmp_path):
     assert path == tmp_path / "README.md"
     card = ModelCard.load(path)
     assert card.data.base_model == HUB_METADATA["base_model"] and "| 3 | 5000 |" in card.text
-    assert f'from_pretrained("{tmp_path}")' in card.text  # a local folder's card loads that folder
+    # portable: the card names the folder, not this machine's path to it (the folder may be moved or uploaded)
+    assert f'from_pretrained("path/to/{tmp_path.name}")' in card.text and str(tmp_path.parent) not in card.text
 
 
 @pytest.fixture(scope="module")
@@ -117,9 +118,12 @@ def saved_pipeline(tmp_path_factory):
     return pipe, folder
 
 
-def test_usage_code_in_a_saved_folder_runs(saved_pipeline, monkeypatch):
+def test_usage_code_in_a_saved_folder_runs(saved_pipeline, monkeypatch, tmp_path):
     _, folder = saved_pipeline
     card = ModelCard.load(folder / "README.md")
+    (tmp_path / "path").mkdir()
+    (tmp_path / "path" / "to").symlink_to(folder.parent)  # the card loads "path/to/<folder name>"
+    monkeypatch.chdir(tmp_path)
     assert card.data.base_model == HUB_METADATA["base_model"]
     calls = []
     monkeypatch.setattr(EMOPipeline, "write_video", lambda self, *args, **kw: calls.append((self, args)))

@@ -505,9 +505,12 @@ def test_callback_must_return_a_dict(pipe):
     ],
 )
 def test_signature_and_help_show_every_argument_with_its_default(pipe, method, own):
-    fields = dataclasses.fields(GenerationSettings)
+    fields = [field for field in dataclasses.fields(GenerationSettings) if field.metadata.get("keyword", True)]
     signature = inspect.signature(getattr(pipe, method))
-    assert list(signature.parameters) == own + [field.name for field in fields]
+    # A weight family's own settings (Hallo's mode, ...) are documented with the family, not in every signature.
+    assert list(signature.parameters) == own + [field.name for field in fields] + ["family_settings"]
+    assert signature.parameters["family_settings"].kind is inspect.Parameter.VAR_KEYWORD
+    assert "mode" not in signature.parameters and "face_embedding" not in signature.parameters
     for field in fields:
         parameter = signature.parameters[field.name]
         assert parameter.kind is inspect.Parameter.KEYWORD_ONLY and parameter.default == field.default
@@ -515,16 +518,22 @@ def test_signature_and_help_show_every_argument_with_its_default(pipe, method, o
     text = pydoc.render_doc(getattr(pipe, method), renderer=pydoc.plaintext)
     assert "guidance_scale: float = 3.5" in text and "num_inference_steps: int = 40" in text  # the signature line
     documented = re.findall(r"^ {8}(\w+): \S", text.split("Args:", 1)[1], re.M)
-    assert documented == own + [field.name for field in fields]  # one entry per argument, in signature order
+    expected = own + [field.name for field in fields] + ["family_settings"]
+    assert documented == expected  # one entry per argument, in signature order
 
 
 def test_readme_argument_table_names_every_argument():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     table = re.search(r"\| argument \| default \| meaning \|\n(.*?)\n\n", readme, re.S).group(1)
     named = set(re.findall(r"`(\w+)`", "\n".join(row.split(" | ")[0] for row in table.splitlines())))
-    arguments = {"image", "audio", "return_dict", "crf"} | {
-        field.name for field in dataclasses.fields(GenerationSettings)
+    from emo_pipeline.families import all_families
+
+    arguments = {"image", "audio", "return_dict", "crf", "family_settings"} | {
+        field.name for field in dataclasses.fields(GenerationSettings) if field.metadata.get("keyword", True)
     }
+    for family in all_families():  # each family's own settings, in the row that names the family
+        if family.settings is not None:
+            arguments |= {field.name for field in dataclasses.fields(family.settings)}
     assert named == arguments
 
 

@@ -111,8 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
     hallo.add_argument(
         "--face-embedding",
         metavar="NPY",
-        help="the portrait's 512-d insightface embedding as a .npy file (default: computed with the insightface "
-        "models recorded at conversion; needs pip install 'emo-pipeline[hallo]')",
+        help="the portrait's 512-d insightface embedding as a .npy file (one video only; default: computed with "
+        "the insightface models of --face-analysis-dir)",
+    )
+    hallo.add_argument(
+        "--face-analysis-dir",
+        metavar="DIR",
+        help="Hallo's insightface models (pretrained_models/face_analysis, with models/scrfd_10g_bnkps.onnx and "
+        "models/glintr100.onnx) to compute the face embedding; needs pip install 'emo-pipeline[hallo]'",
+    )
+    hallo.add_argument(
+        "--vocal-separation",
+        metavar="MODEL",
+        help="keep only the vocals before wav2vec2, with this audio-separator model file (Hallo: "
+        "pretrained_models/audio_separator/Kim_Vocal_2.onnx; separated at the track's own rate); default: off",
     )
     out = parser.add_argument_group("output file")
     out.add_argument("--crf", type=int, default=18, help="H.264 quality, lower is better (default: 18, ~lossless)")
@@ -142,10 +154,15 @@ def _defaults(args: argparse.Namespace) -> dict:
 
 
 def _hallo_options(args: argparse.Namespace) -> dict:
-    """--mode / --face-embedding as pipeline arguments (only when given: EMO models refuse them)."""
+    """--mode / --face-embedding / --face-analysis-dir / --vocal-separation as pipeline arguments (only when given:
+    EMO models refuse them)."""
     options = {}
     if args.mode is not None:
         options["mode"] = args.mode
+    if args.face_analysis_dir is not None:
+        options["face_analysis_dir"] = args.face_analysis_dir
+    if args.vocal_separation is not None:
+        options["vocal_separation"] = args.vocal_separation
     if args.face_embedding is not None:
         import numpy as np
 
@@ -185,6 +202,7 @@ def _run_jobs(args: argparse.Namespace) -> int:
             watermark=not args.no_watermark,
             max_audio_seconds=args.max_audio_seconds,
             progress=not args.no_progress,
+            family_settings=_hallo_options(args),
         )
     except EMOInputError as error:  # the model itself cannot be loaded: no job can run
         print(f"error: {error}", file=sys.stderr)
@@ -274,6 +292,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--jobs takes the inputs from the job file; drop {' '.join(given)}")
         if args.face_box:
             parser.error("--face-box is per image; it cannot apply to a whole job file")
+        if args.face_embedding:
+            parser.error(
+                "--face-embedding is one portrait's identity; it cannot apply to a whole job file (give "
+                "--face-analysis-dir to compute each job's)"
+            )
         return _run_jobs(args)
     missing = [f"--{name}" for name in ("image", "audio", "output") if not getattr(args, name)]
     if missing:

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     try:
         if hallo:
-            from emo_pipeline.hallo import load_hallo_pipeline
+            from emo_pipeline.hallo_conversion import load_hallo_pipeline
 
             pipe = load_hallo_pipeline(args.hallo, args.net, torch_dtype=dtype)
             if args.scheduler != "ddim":

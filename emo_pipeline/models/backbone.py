@@ -347,6 +347,7 @@ class EMOUNet3DConditionModel(EMOAttentionSwitches, CacheMixin, UNetMotionModel)
         region_masks: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
         region_scales: tuple[float, float, float] | None = None,
         reference_rows: torch.Tensor | None = None,
+        unconditional_rows: torch.Tensor | None = None,
     ) -> UNetMotionOutput | tuple[torch.Tensor]:
         """Predict noise for a clip.
 
@@ -366,6 +367,9 @@ class EMOUNet3DConditionModel(EMOAttentionSwitches, CacheMixin, UNetMotionModel)
                 latent resolution), and `region_scales` their weights (audio modules only).
             reference_rows: `(B,)` bool, which samples attend to the reference tokens (default: all; Hallo's
                 unconditional branch does not).
+            unconditional_rows: `(B,)` bool, samples whose audio tokens and face features are zeros when they are
+                encoded here from `audio_features` / `face_mask` (Hallo's unconditional branch; under offload hooks a
+                sampler passes the raw inputs and this instead of encoding them itself).
             Conditioning whose batch divides B is tiled along the batch (guidance stacks branches that share it).
         Returns:
             `UNetMotionOutput` with `.sample (B, 4, F, h, w)`, or a 1-tuple when `return_dict=False`.
@@ -385,6 +389,11 @@ class EMOUNet3DConditionModel(EMOAttentionSwitches, CacheMixin, UNetMotionModel)
             audio_tokens = encoded["audio_tokens"]
             face_features = encoded["face_features"] if face_features is None else face_features
             speed_embeddings = encoded["speed_embeddings"] if speed_embeddings is None else speed_embeddings
+            if unconditional_rows is not None:
+                keep = (~unconditional_rows).to(audio_tokens.dtype)
+                audio_tokens = audio_tokens * keep.repeat_interleave(sample.shape[2])[:, None, None]
+                if face_features is not None:
+                    face_features = face_features * keep.view(-1, *[1] * (face_features.ndim - 1))
         state = self._conditioning
         state.num_frames = sample.shape[2]
         if reference_features is not None:
@@ -464,15 +473,16 @@ class EMOUNet3DConditionModel(EMOAttentionSwitches, CacheMixin, UNetMotionModel)
             raise EMOInputError(f"speed must have shape (B, F) = {(batch, frames)} rad/s, got {tuple(speed.shape)}")
         if face_mask is not None:
             factor = self.face_locator.downscale_factor
-            expected_mask = (batch, 1, height * factor, width * factor)
+            channels = self.face_locator.config.in_channels  # 1 (EMO's mask); 3 (Hallo's face region image)
+            expected_mask = (batch, channels, height * factor, width * factor)
             if (
                 face_mask.ndim != 4
-                or face_mask.shape[1] != 1
+                or face_mask.shape[1] != channels
                 or tuple(face_mask.shape[2:]) != expected_mask[2:]
                 or batch % face_mask.shape[0]
             ):
                 raise EMOInputError(
-                    f"face_mask must have shape (B, 1, H, W) = {expected_mask}, got {tuple(face_mask.shape)}"
+                    f"face_mask must have shape (B, {channels}, H, W) = {expected_mask}, got {tuple(face_mask.shape)}"
                 )
         if reference_features is not None and reference_features.temporal:
             motion = reference_features.num_motion_frames
