@@ -24,7 +24,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from emo_pipeline.cli._common import DTYPES, SCHEDULER_NAMES, demo_defaults, load_pipeline, preflight
+from emo_pipeline.cli._common import (
+    DTYPES,
+    SCHEDULER_NAMES,
+    SpeedOptions,
+    add_speed_arguments,
+    demo_defaults,
+    load_pipeline,
+    preflight,
+)
 from emo_pipeline.errors import EMOInputError
 
 __all__ = ["PipelineHolder", "build_demo", "generate", "main"]
@@ -50,8 +58,8 @@ NOTICE_MARKDOWN = (
 class PipelineHolder:
     """The one pipeline of this process, loaded on first use and replaced when another model is asked for."""
 
-    def __init__(self, model: str | None = None, device: str | None = None, dtype: str = "fp32"):
-        self.model, self.device, self.dtype = model, device, dtype
+    def __init__(self, model: str | None = None, device: str | None = None, dtype: str = "fp32", speed: Any = None):
+        self.model, self.device, self.dtype, self.speed = model, device, dtype, speed
         self.pipe: Any = None
         self.loaded_model: str | None = None
         self.lock = threading.Lock()
@@ -62,7 +70,7 @@ class PipelineHolder:
         with self.lock:
             if self.pipe is None or model != self.loaded_model:
                 self.pipe = None  # free the old one before loading the next
-                self.pipe = load_pipeline(model, device=self.device, dtype=self.dtype)
+                self.pipe = load_pipeline(model, device=self.device, dtype=self.dtype, speed=self.speed)
                 self.loaded_model = model
                 self.default_scheduler = self.pipe.scheduler
             return self.pipe
@@ -187,14 +195,16 @@ def build_demo(
     workdir: str | Path | None = None,
     model_editable: bool = True,
     face_analysis_dir: str | None = None,
+    speed: SpeedOptions | None = None,
 ) -> Any:
     """The Gradio Blocks page. `model`: the EMOPipeline folder or Hub id shown (and loaded) by default; None for
     the tiny random demo pipeline. `workdir`: where jobs write (default: a new temporary folder).
     `model_editable`: whether visitors may pick another model (a folder of the server or any Hub id) and the face
-    analysis folder. `face_analysis_dir`: the insightface models Hallo weights need (the field's default)."""
+    analysis folder. `face_analysis_dir`: the insightface models Hallo weights need (the field's default).
+    `speed`: the speed switches applied to every model it loads (`SpeedOptions`)."""
     import gradio as gr
 
-    holder = PipelineHolder(model, device, dtype)
+    holder = PipelineHolder(model, device, dtype, speed)
     work = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="emo-app-"))
     work.mkdir(parents=True, exist_ok=True)
     defaults = demo_defaults(model is None)
@@ -331,12 +341,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-preload", action="store_true", help="load the model on the first job, not at start (default: at start)"
     )
+    add_speed_arguments(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run `emo-app` until interrupted."""
     args = build_parser().parse_args(argv)
+    try:
+        speed = SpeedOptions.from_args(args)
+    except EMOInputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     try:
         import gradio  # noqa: F401
     except ImportError:
@@ -347,7 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     # Only a page served to this machine alone lets its visitor load another model (any folder of the server).
     private = args.host in ("127.0.0.1", "localhost", "::1") and not args.share
     demo = build_demo(
-        args.model, args.device, args.dtype, model_editable=private, face_analysis_dir=args.face_analysis_dir
+        args.model,
+        args.device,
+        args.dtype,
+        model_editable=private,
+        face_analysis_dir=args.face_analysis_dir,
+        speed=speed,
     )
     if not args.no_preload:
         try:

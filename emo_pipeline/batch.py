@@ -176,6 +176,7 @@ def run_batch(
     failures_path: str | os.PathLike,
     device: str | None = None,
     dtype: str = "fp32",
+    speed: Any = None,
     watermark: bool = True,
     max_audio_seconds: float | None = 3600.0,
     progress: bool = True,
@@ -190,6 +191,7 @@ def run_batch(
         model: EMOPipeline folder or Hub id; None for the tiny random demo pipeline.
         failures_path: `failures.jsonl` to (re)write: one line per failed job, as it fails.
         device: default: this process's accelerator (`PartialState().device`), else CPU.
+        speed: `emo_pipeline.cli._common.SpeedOptions` (attention backend, compile, quantize, step cache, offload).
         family_settings: settings of the model's weight family for every job (emo-animate's `--mode`,
             `--face-analysis-dir`, `--vocal-separation`); a model of another family refuses them (each job fails).
 
@@ -253,6 +255,7 @@ def run_batch(
                     device=device or str(state.device),
                     dtype=dtype,
                     notice=state.is_main_process,
+                    speed=speed,
                 )
                 default_scheduler = pipe.scheduler
             except Exception as error:  # noqa: BLE001 - reported to every process below, then raised

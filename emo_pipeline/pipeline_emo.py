@@ -41,6 +41,7 @@ from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
 from emo_pipeline.devices import has_offload_hooks
 from emo_pipeline.errors import EMOInputError
+from emo_pipeline.models.attention import install_emo_processors
 from emo_pipeline.models.backbone import EMOUNet3DConditionModel
 from emo_pipeline.models.identity import IdentityProjection
 from emo_pipeline.models.reference_net import ReferenceNet
@@ -110,6 +111,7 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     _guidance_scale: float | None = None
     _num_timesteps: int | None = None
     _interrupt: bool = False
+    _current_timestep: torch.Tensor | None = None
     clip_index: int | None = None
     # TAESD for `decoder="tiny"` previews: not a registered component (not saved with the pipeline, not moved by
     # `pipe.to`); it follows the VAE's dtype and the latents' device when used.
@@ -239,7 +241,8 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         over every child module would otherwise leave on the plain default."""
         super().set_use_memory_efficient_attention_xformers(valid, attention_op)
         if not valid:
-            self.unet._install_emo_processors()
+            for model in (self.unet, self.reference_net):
+                install_emo_processors(model)
 
     COMPILABLE = ("unet", "reference_net", "vae")
 
@@ -248,25 +251,29 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         mode: str | None = None,
         dynamic: bool = False,
         components: tuple[str, ...] | list[str] = COMPILABLE,
+        regional: bool = True,
         **compile_kwargs,
     ) -> None:
         """`torch.compile` the backbone, the ReferenceNet and the VAE's decoder in place (`fullgraph=True`: none has
         a graph break).
 
-        The first clip pays the compilation (minutes at SD1.5 size); later clips and videos of the same size reuse
-        it. `dynamic=False` specialises on the shapes, which stay fixed within a video: the backbone sees one batch
-        shape per guidance mode, the ReferenceNet one for the portrait and one for the motion frames, the decoder
-        one per chunk size. `components`: which of "unet", "reference_net", "vae" (on this project's CPU benchmark
-        the compiled decoder was 6x faster than eager while the compiled UNets were slower: compile the VAE alone
-        with `components=("vae",)`, see benchmarks/README.md). `mode` (e.g. "max-autotune") and other arguments go
-        to `torch.compile`.
+        `regional=True` (default): diffusers' regional compilation of the two UNets (`compile_repeated_blocks`: each
+        transformer block is compiled, the rest runs eager): a shorter cold start than compiling them whole, and the
+        backbone stays hookable (`step_cache` works with it). `regional=False` compiles each UNet whole. The VAE
+        decoder is always compiled whole. The first clip pays the compilation; later clips and videos of the same size
+        reuse it. `dynamic=False` specialises on the shapes, which stay fixed within a video.
+        `components`: which of "unet", "reference_net", "vae". `mode` (e.g. "max-autotune") and other arguments go to
+        `torch.compile`. Timings: benchmarks/results/compile_sd15_128.json and README ("Speed switches").
         """
         unknown = set(components) - set(self.COMPILABLE)
         if unknown:
             raise EMOInputError(f"compile: unknown components {sorted(unknown)}; choose from {self.COMPILABLE}")
         for name in components:
             model = self.vae.decoder if name == "vae" else getattr(self, name)
-            model.compile(fullgraph=True, dynamic=dynamic, mode=mode, **compile_kwargs)
+            if regional and name != "vae":
+                model.compile_repeated_blocks(fullgraph=True, dynamic=dynamic, mode=mode, **compile_kwargs)
+            else:
+                model.compile(fullgraph=True, dynamic=dynamic, mode=mode, **compile_kwargs)
 
     def set_scheduler(self, name: str, **config_overrides) -> None:
         """Swap the scheduler for one of `SCHEDULERS` built from the current scheduler's config (same noise
@@ -291,6 +298,13 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     def num_timesteps(self) -> int | None:
         """Denoising steps per clip of the current (or last) call: `len(scheduler.timesteps)`."""
         return self._num_timesteps
+
+    @property
+    def current_timestep(self) -> torch.Tensor | None:
+        """The timestep being denoised (None outside a call), as diffusers' pipelines expose it: diffusers' cache
+        hooks read it, e.g. `PyramidAttentionBroadcastConfig(current_timestep_callback=lambda: pipe.current_timestep)`.
+        """
+        return self._current_timestep
 
     @property
     def interrupt(self) -> bool:
@@ -560,6 +574,7 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         try:
             yield from clips
         finally:
+            self._current_timestep = None
             self.maybe_free_model_hooks()
 
     @torch.no_grad()

@@ -52,6 +52,7 @@ def initial_noise(scheduler: Any, shape: tuple[int, ...], generator: Any, device
 def _predict(pipe: Any, latents: torch.Tensor, timestep: torch.Tensor, inputs: BranchInputs) -> torch.Tensor:
     """The guided noise prediction for `latents`, in `latents.dtype`: one backbone call, both branches batched
     `[unconditional, conditional]` while `pipe.do_classifier_free_guidance`, else the conditional branch alone."""
+    pipe._current_timestep = timestep  # `pipe.current_timestep`: what diffusers' cache hooks read
     guided = pipe.do_classifier_free_guidance  # read every step: a callback may change the guidance
     model_input = torch.cat([latents] * 2) if guided else latents
     model_input = pipe.scheduler.scale_model_input(model_input, timestep).to(pipe.unet.dtype)

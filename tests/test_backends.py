@@ -9,7 +9,6 @@ import torch
 from diffusers.models.attention_processor import (
     AttnProcessor,
     AttnProcessor2_0,
-    FusedAttnProcessor2_0,
     SlicedAttnProcessor,
 )
 
@@ -106,18 +105,22 @@ def test_pipeline_level_slicing_reaches_both_networks_and_turns_off_cleanly():
     assert _processor_types(pipe.reference_net, "attn1.processor") == {SlicedAttnProcessor}
     pipe.disable_attention_slicing()
     assert _processor_types(pipe.unet, "attn1.processor") == {EMOAttnProcessor}
-    assert _processor_types(pipe.reference_net, "attn1.processor") == {AttnProcessor2_0}
+    assert _processor_types(pipe.reference_net, "attn1.processor") == {EMOAttnProcessor}
     pipe.unet.set_attn_processor(AttnProcessor())
+    pipe.reference_net.set_attn_processor(AttnProcessor())
     pipe.disable_xformers_memory_efficient_attention()  # needs no xformers; diffusers walks every child module
     assert _processor_types(pipe.unet, "attn1.processor") == {EMOAttnProcessor}
+    assert _processor_types(pipe.reference_net, "attn1.processor") == {EMOAttnProcessor}
 
 
 def test_fused_qkv_projections_restore_the_previous_processors(setup, expected):
     reference_net, backbone, x, *_ = setup
     reference, noise = expected
     backbone.fuse_qkv_projections()
-    assert _processor_types(backbone, "attn1.processor") == {FusedAttnProcessor2_0}
+    # EMO's processor, fused: the attention backend still applies
+    assert {(type(p), p.fused) for p in backbone.attn_processors.values()} == {(EMOAttnProcessor, True)}
     assert (denoise(backbone, x, reference) - noise).abs().max() < 1e-4
+    assert (denoise(backbone, x, backbone.prepare_reference(reference)) - noise).abs().max() < 1e-4
     backbone.unfuse_qkv_projections()
     assert _processor_types(backbone, "attn1.processor") == {EMOAttnProcessor}
 

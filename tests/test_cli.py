@@ -143,3 +143,90 @@ def test_quiet_native_logs_drops_noise_and_keeps_errors(capfd):
     err = capfd.readouterr().err
     assert "a real native error" in err and "a Python message" in err
     assert not any(line in err for line in NATIVE_NOISE_LINES)
+
+
+def test_quantize_choices_match_the_recipes():
+    from emo_pipeline.quantization import QUANTIZATION_RECIPES
+
+    assert _common.QUANTIZE_NAMES == QUANTIZATION_RECIPES
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--attention-backend", "warp"], "is not one of diffusers' backends"),
+        (["--attention-backend", "sage"], "cannot run here"),  # sageattention is not installed (a GPU package)
+        (["--compile", "whole", "--step-cache", "2"], "needs a hookable backbone"),
+    ],
+)
+@pytest.mark.parametrize("tool", ["emo-animate", "batch", "emo-app"])
+def test_bad_speed_switches_exit_2_before_any_model_loads(tmp_path, monkeypatch, capsys, options, message, tool):
+    from emo_pipeline import app
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the switches were checked")
+
+    monkeypatch.setattr(_common, "load_pipeline", no_model)
+    monkeypatch.setattr(app, "load_pipeline", no_model)
+    if tool == "emo-app":
+        code = app.main(options)
+    elif tool == "batch":
+        jobs = tmp_path / "jobs.csv"
+        jobs.write_text(f"image,audio,output\n{PORTRAIT},{SPEECH},{tmp_path / 'a.mp4'}\n")
+        code = animate.main(["--jobs", str(jobs), *options])
+    else:
+        inputs = ["--image", str(PORTRAIT), "--audio", str(SPEECH), "--output", str(tmp_path / "o.mp4")]
+        code = animate.main([*inputs, *options])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.glob("**/*.mp4"))
+
+
+@pytest.mark.parametrize("module", ["animate", "app"])
+def test_a_bad_step_cache_or_choice_is_an_argparse_error(module, capsys):
+    from emo_pipeline import app
+
+    main = animate.main if module == "animate" else app.main
+    for options in (["--step-cache", "0"], ["--compile", "fast"], ["--offload", "disk"], ["--quantize", "int2"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(options)
+        assert exit_info.value.code == 2
+
+
+def test_load_pipeline_applies_every_speed_switch():
+    """The switches reach the pipeline: the backend on every processor, int8 weights, the step-cache default, model
+    offload hooks, the UNets' blocks compiled (lazily: nothing is compiled until a call)."""
+    import torch
+
+    speed = _common.SpeedOptions(
+        attention_backend="_native_math", compile="regional", quantize="int8", step_cache=2, offload="model"
+    )
+    try:
+        pipe = _common.load_pipeline(None, device="cpu", speed=speed, notice=False)
+        for model in (pipe.unet, pipe.reference_net):
+            assert {p._attention_backend for p in model.attn_processors.values()} == {"_native_math"}
+            names = model.spatial_layer_names if model is pipe.reference_net else model.reference_layer_names
+            linear = model.get_submodule(names[0]).to_q
+            assert type(linear.weight) is not torch.nn.Parameter  # torchao's int8 tensor
+            blocks = [m for m in model.modules() if type(m).__name__ == "BasicTransformerBlock"]
+            assert all(block._compiled_call_impl is not None for block in blocks)
+        assert pipe.emo_metadata["generation_defaults"]["step_cache"] == 2
+        assert getattr(pipe.unet, "_hf_hook", None) is not None  # accelerate's model offload hook
+    finally:
+        from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+        _AttentionBackendRegistry.set_active_backend(AttentionBackendName.NATIVE)
+
+
+def test_demo_run_with_speed_switches_writes_the_video(tmp_path, short_speech):
+    output = tmp_path / "fast.mp4"
+    code = animate.main(
+        [
+            "--image", str(PORTRAIT), "--audio", str(short_speech), "--output", str(output), "--no-progress",
+            "--attention-backend", "_native_math", "--quantize", "int8", "--step-cache", "2", "--steps", "2",
+        ]
+    )  # fmt: skip
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    _AttentionBackendRegistry.set_active_backend(AttentionBackendName.NATIVE)
+    assert code == 0 and output.stat().st_size > 0

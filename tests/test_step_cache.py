@@ -133,7 +133,7 @@ def test_second_cache_on_the_same_backbone_is_refused(pipe):
 def test_compiled_backbone_is_refused(pipe):
     pipe.unet.compile()  # lazy: nothing is compiled until a call
     try:
-        with pytest.raises(EMOInputError, match="compiled backbone"):
+        with pytest.raises(EMOInputError, match="backbone compiled whole"):
             pipe.iter_clips(IMAGE, AUDIO, **settings(step_cache=2))
     finally:
         pipe.unet._compiled_call_impl = None

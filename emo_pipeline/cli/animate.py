@@ -18,7 +18,7 @@ import os
 import sys
 import time
 
-from emo_pipeline.cli._common import DTYPES, SCHEDULER_NAMES
+from emo_pipeline.cli._common import DTYPES, SCHEDULER_NAMES, SpeedOptions, add_speed_arguments
 from emo_pipeline.errors import EMOInputError
 
 __all__ = ["SCHEDULER_NAMES", "build_parser", "main"]
@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--scheduler", choices=SCHEDULER_NAMES, help="sampler (default: the model's own, DDIM for EMO models)"
     )
+    add_speed_arguments(parser.add_argument_group("speed (README, 'Speed switches')"))
     gen = parser.add_argument_group("generation")
     gen.add_argument("--height", type=int, help="output size in pixels, square (default: 512; demo model: 64)")
     gen.add_argument("--steps", type=int, help="denoising steps per clip (default: 40; demo model: 4)")
@@ -183,6 +184,7 @@ def _run_jobs(args: argparse.Namespace) -> int:
 
     try:
         jobs = read_jobs(args.jobs, scheduler_names=SCHEDULER_NAMES)
+        speed = SpeedOptions.from_args(args)
     except EMOInputError as error:
         if _is_main_process():
             print(f"error: {error}", file=sys.stderr)
@@ -196,6 +198,7 @@ def _run_jobs(args: argparse.Namespace) -> int:
             failures_path=failures,
             device=args.device,
             dtype=args.dtype,
+            speed=speed,
             watermark=not args.no_watermark,
             max_audio_seconds=args.max_audio_seconds,
             progress=not args.no_progress,
@@ -221,6 +224,7 @@ def _run_one(args: argparse.Namespace) -> int:
     steps = args.steps if args.steps is not None else defaults["steps"]
     progress = None
     try:
+        speed = SpeedOptions.from_args(args)
         preflight(
             args.image,
             args.audio,
@@ -231,7 +235,7 @@ def _run_one(args: argparse.Namespace) -> int:
             face_box=args.face_box,
             max_audio_seconds=args.max_audio_seconds,
         )
-        pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+        pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, speed=speed)
         if args.scheduler:
             pipe.set_scheduler(args.scheduler)
         import torch

@@ -26,18 +26,27 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, dispatch_attention_fn
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from diffusers.utils import logging
 
 from emo_pipeline.errors import EMOInputError
 
+logger = logging.get_logger(__name__)
+
 __all__ = [
     "ConditioningState",
+    "EMOAttentionSwitches",
     "EMOAttnProcessor",
     "ReferenceAttentionHook",
     "ReferenceFeatures",
     "broadcast_batch",
     "checkpoint_with_state",
+    "dispatch_attention",
+    "fuse_qkv_projections",
+    "install_emo_processors",
+    "warn_unswitched_layers",
 ]
 
 
@@ -185,14 +194,76 @@ def _per_frame(
     return tokens.repeat_interleave(num_frames, dim=0)
 
 
-class EMOAttnProcessor(AttnProcessor2_0):
-    """diffusers' `AttnProcessor2_0` (SDPA) that also takes precomputed reference keys/values.
+# Backends whose kernels take no attention mask (diffusers raises inside them): a masked layer falls back to "native".
+_MASKLESS_BACKEND_PARTS = ("flash", "sage", "aiter", "xla")
+_warned_fallbacks: set[str] = set()
 
-    Without `reference_key`/`reference_value` it *is* `AttnProcessor2_0` (the same code runs); with them, the keys
-    and values of the layer's own tokens are extended by the reference ones, which is what the generic path
-    (`encoder_hidden_states = cat([hidden_states, reference tokens])`) computes, minus re-projecting the reference.
-    An `attention_mask` `(B*F, 1, L + R)` is then additive over those keys (Hallo: rows that do not see the reference).
+
+def backend_takes_mask(backend: str | AttentionBackendName) -> bool:
+    """Whether diffusers' attention backend `backend` accepts an `attn_mask` (flash-attn, sage, aiter, XLA do not)."""
+    name = AttentionBackendName(backend).value
+    return not any(part in name for part in _MASKLESS_BACKEND_PARTS)
+
+
+def dispatch_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    processor: object | None = None,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    layer: str = "attention",
+) -> torch.Tensor:
+    """`(B, S, H, D)` query/key/value -> `(B, S_q, H, D)` through diffusers' `dispatch_attention_fn`.
+
+    The backend is `processor._attention_backend` (what `model.set_attention_backend(name)` sets), else the active
+    one (`with attention_backend(name):`, `DIFFUSERS_ATTN_BACKEND`, "native" by default). A layer that needs a mask
+    under a backend whose kernel takes none (flash-attn 2/3/4, `_native_flash`, sage, aiter, XLA) runs on "native"
+    instead, with one warning per backend (only Hallo's reference attention with guidance has a mask).
     """
+    backend = getattr(processor, "_attention_backend", None)
+    if attn_mask is not None:
+        active = backend if backend is not None else _AttentionBackendRegistry._active_backend
+        if not backend_takes_mask(active):
+            if not torch.compiler.is_compiling() and str(active) not in _warned_fallbacks:
+                _warned_fallbacks.add(str(active))
+                logger.warning(
+                    f"{layer}: attention backend {AttentionBackendName(active).value!r} takes no attention mask; the "
+                    "masked layers (Hallo's reference attention under guidance) run on 'native' SDPA instead"
+                )
+            backend = AttentionBackendName.NATIVE
+    return dispatch_attention_fn(
+        query,
+        key,
+        value,
+        attn_mask=attn_mask,
+        scale=scale,
+        backend=backend,
+        parallel_config=getattr(processor, "_parallel_config", None),
+    )
+
+
+class EMOAttnProcessor:
+    """EMO's attention processor, on every attention layer of the backbone and the ReferenceNet.
+
+    diffusers' `AttnProcessor2_0` computation, with the kernel chosen by diffusers' attention dispatcher
+    (`dispatch_attention_fn`): like diffusers' own processors it carries `_attention_backend` and `_parallel_config`,
+    so `model.set_attention_backend("flex")` or `with attention_backend("_native_math"):` selects the kernel of every
+    layer (spatial self-attention with the reference, audio cross-attention, temporal attention with the motion frames,
+    the speed attention and Hallo's audio modules). `fused=True` (set by `fuse_qkv_projections`) projects with the
+    fused `to_qkv` / `to_kv` where the layer has them.
+
+    It also takes precomputed reference keys/values: the keys and values of the layer's own tokens are extended by
+    the reference ones, which is what the generic path (`encoder_hidden_states = cat([hidden_states, reference
+    tokens])`) computes, minus re-projecting the reference. An `attention_mask` `(B*F, 1, L + R)` is then additive over
+    those keys (Hallo: rows that do not see the reference).
+    """
+
+    _attention_backend: AttentionBackendName | None = None
+    _parallel_config = None
+
+    def __init__(self, fused: bool = False):
+        self.fused = fused
 
     def __call__(
         self,
@@ -204,24 +275,160 @@ class EMOAttnProcessor(AttnProcessor2_0):
         reference_key: torch.Tensor | None = None,
         reference_value: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if reference_key is None or reference_value is None:
-            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         residual = hidden_states
-        batch, _, inner = hidden_states.shape
-        query = attn.to_q(hidden_states)
-        key = torch.cat([attn.to_k(hidden_states), reference_key.to(query.dtype)], dim=1)
-        value = torch.cat([attn.to_v(hidden_states), reference_value.to(query.dtype)], dim=1)
-        head_dim = key.shape[-1] // attn.heads
-        query, key, value = (t.reshape(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch = hidden_states.shape[0]
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query, key, value = self._project(attn, hidden_states, encoder_hidden_states)
+        if reference_key is not None and reference_value is not None:
+            key = torch.cat([key, reference_key.to(key.dtype)], dim=1)
+            value = torch.cat([value, reference_value.to(value.dtype)], dim=1)
+            mask = attention_mask[:, None].to(query.dtype) if attention_mask is not None else None
+        elif attention_mask is not None:
+            mask = attn.prepare_attention_mask(attention_mask, key.shape[1], batch)
+            mask = mask.view(batch, attn.heads, -1, mask.shape[-1])
+        else:
+            mask = None
+        query, key, value = (t.unflatten(-1, (attn.heads, -1)) for t in (query, key, value))
         if attn.norm_q is not None:
-            query, key = attn.norm_q(query), attn.norm_k(key)
-        mask = attention_mask[:, None].to(query.dtype) if attention_mask is not None else None
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False)
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        out = dispatch_attention(query, key, value, self, mask, attn.scale, type(attn).__name__)
+        out = out.flatten(2, 3).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+    def _project(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None):
+        if self.fused and encoder_hidden_states is None and hasattr(attn, "to_qkv"):
+            return attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        if self.fused and hasattr(attn, "to_kv"):
+            key, value = attn.to_kv(encoder_hidden_states).chunk(2, dim=-1)
+        else:
+            key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        return query, key, value
+
+
+# diffusers' plain defaults, replaced by EMO's processor (the processor API's "default" / "off" switches set these).
+_PLAIN_PROCESSORS = (AttnProcessor, AttnProcessor2_0)
+
+
+def install_emo_processors(model: torch.nn.Module, force: bool = False) -> None:
+    """Put `EMOAttnProcessor` on every attention layer of `model` that has diffusers' plain default (all with
+    `force`); other processors (sliced, xformers, fused, a user's) are left as they are."""
+    for module in model.modules():
+        if isinstance(module, Attention) and (force or type(module.processor) in _PLAIN_PROCESSORS):
+            module.set_processor(EMOAttnProcessor())
+
+
+def warn_unswitched_layers(model: torch.nn.Module, backend: str) -> None:
+    """After `set_attention_backend`: warn once if some layers have a processor the dispatcher does not reach
+    (sliced, xformers through the processor API, a user's), which therefore do not run `backend`."""
+    others = sorted(
+        {
+            type(module.processor).__name__
+            for module in model.modules()
+            if isinstance(module, Attention) and not hasattr(module.processor, "_attention_backend")
+        }
+    )
+    if others:
+        logger.warning(
+            f"{type(model).__name__}.set_attention_backend({backend!r}): layers with {others} keep their own kernel; "
+            "call set_default_attn_processor() first for the backend to apply to every layer"
+        )
+
+
+class EMOAttentionSwitches:
+    """diffusers' attention switches for EMO's networks (mixed in before the diffusers model class).
+
+    EMO's dispatching processor is the default: `set_default_attn_processor()` and turning slicing or xformers off put
+    it back; `fuse_qkv_projections()` keeps it (fused); `set_attention_backend()` reaches every layer.
+    """
+
+    _reference_layer_names: list[str] = []  # attn1 layers that get a fused `to_kv` for the reference tokens
+
+    def set_default_attn_processor(self) -> None:
+        """EMO's processor everywhere: SDPA through diffusers' attention dispatcher (the backend set by
+        `set_attention_backend` / `attention_backend(...)`), reference attention kept on attn1."""
+        install_emo_processors(self, force=True)
+
+    def set_attention_backend(self, backend: str) -> None:
+        """diffusers' switch: every EMO processor of the model runs `backend` (README, "Attention backends")."""
+        super().set_attention_backend(backend)
+        warn_unswitched_layers(self, backend)
+
+    def set_use_memory_efficient_attention_xformers(self, valid: bool, attention_op: Callable | None = None) -> None:
+        super().set_use_memory_efficient_attention_xformers(valid, attention_op)
+        if not valid:
+            install_emo_processors(self)
+
+    def set_attention_slice(self, slice_size: str | int | list[int] | None = "auto") -> None:
+        """Sliced attention as in `UNet2DConditionModel` (diffusers' `UNetMotionModel` has none); None turns it off."""
+        UNet2DConditionModel.set_attention_slice(self, slice_size)
+        if slice_size is None:
+            install_emo_processors(self)
+
+    def compile_repeated_blocks(self, *args, **kwargs) -> None:
+        """diffusers' regional compilation: `torch.compile` every transformer block (`_repeated_blocks`), not the
+        whole model (much shorter cold start).
+
+        Blocks differ in width, token count and layout, and the reference hooks are per layer, so dynamo keeps up to
+        one graph per block instance: the recompile limit (`torch._dynamo.config.recompile_limit`) is raised to the
+        number of blocks, else `fullgraph=True` would fail at the ninth variant.
+        """
+        blocks = sum(type(module).__name__ in self._repeated_blocks for module in self.modules())
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, 2 * blocks + 8)
+        super().compile_repeated_blocks(*args, **kwargs)
+
+    def fuse_qkv_projections(self) -> None:
+        """Fused QKV projections (diffusers' switch), the attention backend kept (`EMOAttnProcessor(fused=True)`);
+        the backbone's attn1 layers also get a fused `to_kv` for the reference tokens; quantized layers stay
+        unfused."""
+        fuse_qkv_projections(self, self._reference_layer_names)
+
+
+def is_quantized(linear: torch.nn.Module) -> bool:
+    """Whether a projection's weight is not a plain dense tensor (torchao's tensor subclasses, bitsandbytes'
+    packed `Params4bit` / `Int8Params`): it cannot be concatenated or copied into a new `Linear`."""
+    weight = getattr(linear, "weight", None)
+    return weight is None or type(weight) not in (torch.Tensor, torch.nn.Parameter)
+
+
+def fuse_qkv_projections(model: torch.nn.Module, reference_layers: list[str] = ()) -> None:
+    """diffusers' `fuse_qkv_projections` for EMO's networks: fused `to_qkv` (self-attention) / `to_kv`
+    (cross-attention), the reference layers' `to_kv` too (`add_fused_key_value`), `EMOAttnProcessor(fused=True)`
+    everywhere (so the attention backend still applies). Layers with quantized projections stay unfused: their packed
+    weights cannot be concatenated (they keep `to_q`/`to_k`/`to_v`). `unfuse_qkv_projections` restores the processors.
+    """
+    processors = model.attn_processors
+    model.original_attn_processors = processors
+    reference_layers = set(reference_layers)
+    fused = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, Attention):
+            continue
+        if not any(is_quantized(linear) for linear in (module.to_q, module.to_k, module.to_v)):
+            module.fuse_projections(fuse=True)
+            if name in reference_layers:
+                add_fused_key_value(module)
+        fused[f"{name}.processor"] = EMOAttnProcessor(fused=True)
+    model.set_attn_processor({name: fused.get(name, processor) for name, processor in processors.items()})
 
 
 def is_supported_reference_layer(attn: Attention) -> bool:
@@ -291,7 +498,7 @@ def _reference_row_mask(
 
 def reference_key_value(attn: Attention, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A layer's keys/values of `(B, T, C)` reference tokens, as its processor would project them."""
-    if getattr(attn, "fused_projections", False) and hasattr(attn, "to_kv"):
+    if getattr(attn.processor, "fused", False) and hasattr(attn, "to_kv"):
         key, value = attn.to_kv(tokens).chunk(2, dim=-1)
         return key, value
     return attn.to_k(tokens), attn.to_v(tokens)
@@ -313,8 +520,12 @@ def check_reference_tokens(name: str, tokens: torch.Tensor | None, attn: Attenti
 def add_fused_key_value(attn: Attention) -> None:
     """Give a fused self-attention layer the fused `to_kv` that diffusers builds only for cross-attention.
 
-    `FusedAttnProcessor2_0` projects `encoder_hidden_states` with `to_kv`; the reference hook passes them to attn1.
+    The reference hook passes the reference tokens to attn1 as `encoder_hidden_states`, which a fused processor
+    projects with `to_kv`. A layer with quantized `to_k`/`to_v` (packed weights, no dense `.weight.data`) gets none:
+    the processors then project with `to_k` and `to_v`.
     """
+    if is_quantized(attn.to_k) or is_quantized(attn.to_v):
+        return
     weight = torch.cat([attn.to_k.weight.data, attn.to_v.weight.data])
     attn.to_kv = torch.nn.Linear(
         weight.shape[1], weight.shape[0], bias=attn.use_bias, device=weight.device, dtype=weight.dtype

@@ -20,26 +20,28 @@ from typing import Any
 import torch
 from diffusers import ModelMixin, MotionAdapter, UNet2DConditionModel, UNetMotionModel
 from diffusers.configuration_utils import register_to_config
-from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention
+from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D, UNetMotionOutput
 from diffusers.utils.accelerate_utils import apply_forward_hook
 
 from emo_pipeline.errors import EMOInputError
 from emo_pipeline.models.attention import (
     ConditioningState,
-    EMOAttnProcessor,
+    EMOAttentionSwitches,
     ReferenceAttentionHook,
     ReferenceFeatures,
-    add_fused_key_value,
     broadcast_batch,
     check_reference_tokens,
     checkpoint_with_state,
+    install_emo_processors,
     reference_key_value,
 )
 from emo_pipeline.models.audio_modules import AudioModuleHook, RegionAudioTransformer, audio_module_inner_dims
 from emo_pipeline.models.audio_projection import AudioProjection
 from emo_pipeline.models.face_locator import FaceLocator
 from emo_pipeline.models.speed import SpeedEncoder
+from emo_pipeline.models.step_cache import StepCache, StepCacheConfig
 from emo_pipeline.models.temporal import EMOTemporalTransformer3D
 from emo_pipeline.models.utils import extend_init_signature, quiet_diffusers, to_like
 
@@ -61,8 +63,12 @@ def parameter_group(name: str) -> str:
     return next((group for group, test in PARAMETER_GROUPS.items() if test(name)), "spatial")
 
 
-class EMOUNet3DConditionModel(UNetMotionModel):
+class EMOUNet3DConditionModel(EMOAttentionSwitches, CacheMixin, UNetMotionModel):
     """EMO backbone. Build it from an SD1.5 UNet with `from_unet2d`; load a saved one with `from_pretrained`."""
+
+    # Regional compilation (`compile_repeated_blocks`): the spatial and temporal transformer blocks, Hallo's audio
+    # module blocks; the conditioning hooks inside them are traced with them.
+    _repeated_blocks = ["BasicTransformerBlock", "RegionAudioBlock"]
 
     def __init__(
         self,
@@ -135,7 +141,7 @@ class EMOUNet3DConditionModel(UNetMotionModel):
         if audio_attention == "audio_modules":
             audio_module_config = self._add_audio_modules(dict(audio_module_config or {}))
             self.register_to_config(audio_module_config=audio_module_config)
-        self._install_emo_processors()
+        install_emo_processors(self)
         self.conv_in.register_forward_hook(FaceFeaturesHook(self._conditioning))
         if audio_attention_scale != 1.0:
             for name, module in self.named_modules():
@@ -258,38 +264,30 @@ class EMOUNet3DConditionModel(UNetMotionModel):
         return groups
 
     # ------------------------------------------------------------------------------------- attention backends
-    # Reference attention rides on a pre-hook of each attn1 module, so every processor keeps it. These overrides only
-    # put EMO's SDPA processor (which takes the cached reference keys/values) back where diffusers installs its
-    # plain default, and teach diffusers' switches about this model.
+    # Reference attention rides on a pre-hook of each attn1 module, so every processor keeps it. The processor switches
+    # (`EMOAttentionSwitches`) put EMO's dispatching processor (which also takes the cached reference keys/values)
+    # back where diffusers installs its plain default.
 
-    def _install_emo_processors(self, force: bool = False) -> None:
-        modules = dict(self.named_modules())
-        for name in self._reference_layer_names:
-            attn = modules[name]
-            if force or type(attn.processor) in (AttnProcessor, AttnProcessor2_0):
-                attn.set_processor(EMOAttnProcessor())
+    # ------------------------------------------------------------------------------------------------ caches
 
-    def set_default_attn_processor(self) -> None:
-        """SDPA everywhere (diffusers' `AttnProcessor2_0`), EMO's reference attention kept on attn1."""
-        self.set_attn_processor(AttnProcessor2_0())
-        self._install_emo_processors(force=True)
+    def enable_cache(self, config: Any) -> None:
+        """diffusers' cache API (`CacheMixin`): `PyramidAttentionBroadcastConfig` (its `current_timestep_callback`
+        reading `pipe.current_timestep`) and the other diffusers configs that fit a UNet, or EMO's step cache,
+        `StepCacheConfig(interval=N)` (DeepCache). README, "Speed switches", says which fit and why."""
+        if isinstance(config, StepCacheConfig):
+            if self.is_cache_enabled:
+                raise ValueError(f"Caching is already enabled with {type(self._cache_config)}; disable it first.")
+            self._step_cache = StepCache(self, config.interval).install()
+            self._cache_config = config
+            return
+        super().enable_cache(config)
 
-    def set_use_memory_efficient_attention_xformers(self, valid: bool, attention_op: Callable | None = None) -> None:
-        super().set_use_memory_efficient_attention_xformers(valid, attention_op)
-        if not valid:
-            self._install_emo_processors()
-
-    def set_attention_slice(self, slice_size: str | int | list[int] | None = "auto") -> None:
-        """Sliced attention as in `UNet2DConditionModel` (diffusers' `UNetMotionModel` has none); None turns it off."""
-        UNet2DConditionModel.set_attention_slice(self, slice_size)
-        if slice_size is None:
-            self._install_emo_processors()
-
-    def fuse_qkv_projections(self) -> None:
-        super().fuse_qkv_projections()
-        modules = dict(self.named_modules())
-        for name in self._reference_layer_names:
-            add_fused_key_value(modules[name])  # the reference tokens reach a fused attn1 as encoder_hidden_states
+    def disable_cache(self) -> None:
+        if isinstance(self._cache_config, StepCacheConfig):
+            self._step_cache.remove()
+            self._step_cache = self._cache_config = None
+            return
+        super().disable_cache()
 
     def enable_gradient_checkpointing(self, gradient_checkpointing_func: Callable | None = None) -> None:
         """diffusers' gradient checkpointing, the recomputation seeing the conditioning of its forward call."""
@@ -384,6 +382,11 @@ class EMOUNet3DConditionModel(UNetMotionModel):
         Returns:
             `UNetMotionOutput` with `.sample (B, 4, F, h, w)`, or a 1-tuple when `return_dict=False`.
         """
+        # One static graph per input shape under torch.compile (a handful per video: one per guidance mode), not an
+        # automatic-dynamic recompile (see ReferenceNet.forward).
+        for tensor in (sample, audio_features, audio_tokens, face_mask, face_features, speed, speed_embeddings):
+            if tensor is not None:
+                torch._dynamo.mark_static(tensor)
         eager = not torch.compiler.is_compiling()
         if eager:
             self._check_inputs(

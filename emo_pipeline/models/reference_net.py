@@ -17,7 +17,7 @@ from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention
 
 from emo_pipeline.errors import EMOInputError
-from emo_pipeline.models.attention import ReferenceFeatures
+from emo_pipeline.models.attention import EMOAttentionSwitches, ReferenceFeatures, install_emo_processors
 from emo_pipeline.models.utils import extend_init_signature, to_like
 
 __all__ = ["ModelMixin", "ReferenceNet", "temporal_capture_points"]
@@ -81,7 +81,7 @@ class _CaptureTemporal:
             self.store.temporal[self.name] = output[0] if isinstance(output, tuple) else output
 
 
-class ReferenceNet(UNet2DConditionModel):
+class ReferenceNet(EMOAttentionSwitches, UNet2DConditionModel):
     """SD1.5 UNet2DConditionModel that returns `ReferenceFeatures` instead of a noise prediction."""
 
     def __init__(self, *args, null_context_length: int = CLIP_CONTEXT_LENGTH, cross_attention: bool = True, **kwargs):
@@ -110,6 +110,7 @@ class ReferenceNet(UNet2DConditionModel):
         modules = dict(self.named_modules())
         for target, source in self._temporal_points.items():
             modules[source].register_forward_hook(_CaptureTemporal(target, self._capture))
+        install_emo_processors(self)  # every attention through diffusers' dispatcher (`set_attention_backend`)
 
     __init__.__signature__ = extend_init_signature(
         UNet2DConditionModel.__init__, null_context_length=77, cross_attention=True
@@ -157,6 +158,10 @@ class ReferenceNet(UNet2DConditionModel):
         Returns `ReferenceFeatures` with `spatial[name] (B, n*h*w, C)` (n = 1 for 4-D input) and
         `temporal[name] (B, n, C, h_l, w_l)`.
         """
+        # One static graph per input shape under torch.compile, whatever `dynamic` says: the pipeline calls with the
+        # portrait's shape, then the motion frames'; an automatic-dynamic recompile of this UNet fails in inductor
+        # (`ValueRangeError: Invalid ranges` in the downsamplers' shape arithmetic) and buys nothing here.
+        torch._dynamo.mark_static(latents)
         if latents.ndim == 4:
             latents = latents[:, None]
         if latents.ndim != 5 or latents.shape[2] != self.config.in_channels:

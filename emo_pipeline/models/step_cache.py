@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,7 +38,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 from emo_pipeline.errors import EMOInputError
 
-__all__ = ["StepCache", "check_step_cache_interval", "with_step_cache"]
+__all__ = ["StepCache", "StepCacheConfig", "check_step_cache_interval", "with_step_cache"]
 
 _HOOK_NAME = "emo_step_cache"
 # Inputs of the backbone that define a step's conditioning; a cached step needs the same objects as its full step.
@@ -63,6 +64,20 @@ def check_step_cache_interval(interval: Any) -> None:
         )
 
 
+@dataclass
+class StepCacheConfig:
+    """EMO's step cache through diffusers' cache API: `pipe.unet.enable_cache(StepCacheConfig(interval=2))`,
+    `pipe.unet.disable_cache()`. The hooks stay installed across videos (reset at the end of each); the same as
+    passing `step_cache=interval` to every call. Works with a regionally compiled backbone (`pipe.compile()`)."""
+
+    interval: int = 2
+
+    def __post_init__(self) -> None:
+        check_step_cache_interval(self.interval)
+        if self.interval is None:
+            raise EMOInputError("StepCacheConfig needs an interval (int >= 1)")
+
+
 class StepCache:
     """DeepCache on an `EMOUNet3DConditionModel`: while installed, the deep blocks run at one step in `interval`.
 
@@ -79,7 +94,8 @@ class StepCache:
             # The hooks' Python bookkeeping (which step is full, the kept outputs) is not traced or tested under
             # torch.compile: refuse rather than risk a recompilation per step or a silently stale graph.
             raise EMOInputError(
-                "step_cache does not work with a compiled backbone (pipe.compile()); use one or the other"
+                "step_cache does not work with a backbone compiled whole (pipe.compile(regional=False), "
+                "torch.compile(unet)); compile it regionally (pipe.compile(), the default) or not at all"
             )
         self.unet = unet
         self.interval = int(interval)
@@ -166,11 +182,18 @@ class StepCache:
 
 
 class _StepHook(ModelHook):
-    """On the backbone: one decision per call (full or cached step)."""
+    """On the backbone: one decision per call (full or cached step). Stateful for diffusers: the pipeline's
+    `maybe_free_model_hooks` (end of every video) resets it, so a next video starts with a full step."""
+
+    _is_stateful = True
 
     def __init__(self, cache: StepCache):
         super().__init__()
         self.cache = cache
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.cache.reset()
+        return module
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         self.cache.begin_step(args, kwargs)

@@ -11,13 +11,12 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
 from torch import nn
 
 from emo_pipeline.errors import EMOInputError
-from emo_pipeline.models.attention import ConditioningState, broadcast_batch
+from emo_pipeline.models.attention import ConditioningState, broadcast_batch, dispatch_attention
 
 __all__ = ["EMOTemporalTransformer3D", "sinusoidal_positions"]
 
@@ -173,9 +172,10 @@ class EMOTemporalTransformer3D(AnimateDiffTransformer3D):
         heads, head_dim = attention.heads, inner // attention.heads
         # Every spatial position attends to the same F speed tokens: fold positions into the query length so the
         # keys/values are projected once per sample instead of once per position.
-        query = attention.to_q(query_input).reshape(batch, -1, heads, head_dim).transpose(1, 2)
-        key = attention.to_k(speed).reshape(batch, -1, heads, head_dim).transpose(1, 2)
-        value = attention.to_v(speed).reshape(batch, -1, heads, head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(query, key, value)
-        out = out.transpose(1, 2).reshape(tokens, total, inner)
+        # (B, S, H, D) through diffusers' dispatcher: the attention backend of the layer's processor.
+        query = attention.to_q(query_input).reshape(batch, -1, heads, head_dim)
+        key = attention.to_k(speed).reshape(batch, -1, heads, head_dim)
+        value = attention.to_v(speed).reshape(batch, -1, heads, head_dim)
+        out = dispatch_attention(query, key, value, attention.processor, scale=attention.scale, layer="speed")
+        out = out.reshape(tokens, total, inner)
         return attention.to_out[1](attention.to_out[0](out))
