@@ -179,6 +179,7 @@ def run_batch(
     watermark: bool = True,
     max_audio_seconds: float | None = 3600.0,
     progress: bool = True,
+    c2pa_signer: Any = None,
 ) -> BatchSummary:
     """Run `jobs` over all processes of the current launch (accelerate, torchrun, or just this one).
 
@@ -189,6 +190,7 @@ def run_batch(
         model: EMOPipeline folder or Hub id; None for the tiny random demo pipeline.
         failures_path: `failures.jsonl` to (re)write: one line per failed job, as it fails.
         device: default: this process's accelerator (`PartialState().device`), else CPU.
+        c2pa_signer: an `emo_pipeline.provenance.C2PASigner` signing every output's C2PA manifest (None: none).
 
     Returns:
         The `BatchSummary` of all processes (every process gets the same one).
@@ -260,6 +262,7 @@ def run_batch(
                     job.image,
                     job.audio,
                     crf=settings["crf"],
+                    c2pa_signer=c2pa_signer or False,
                     height=size,
                     width=size,
                     fps=settings["fps"],

@@ -152,9 +152,10 @@ def read_video_frames(path: str | os.PathLike[str], indices: Any = None) -> np.n
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _remove_quietly(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
+def _remove_quietly(*paths: str) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
 
 
 class VideoWriter:
@@ -186,6 +187,10 @@ class VideoWriter:
         crf: x264 constant rate factor (0 lossless .. 51; 18 is visually transparent).
         preset: x264 speed/size preset ("ultrafast" .. "veryslow").
         metadata: container tags, str -> str.
+        c2pa_signer: a `emo_pipeline.provenance.C2PASigner`: on close the file is signed with a C2PA manifest
+            (`c2pa_manifest`, by default `manifest_definition` of the file name) into a second temporary file,
+            which is then renamed onto `path`; a failed signature leaves nothing at `path`.
+        c2pa_manifest: the manifest definition to sign (`emo_pipeline.provenance.manifest_definition`).
     """
 
     def __init__(
@@ -197,6 +202,8 @@ class VideoWriter:
         crf: int = 18,
         preset: str = "medium",
         metadata: dict[str, str] | None = None,
+        c2pa_signer: Any = None,
+        c2pa_manifest: dict | None = None,
     ) -> None:
         self.path = os.path.abspath(os.fspath(path))
         directory, filename = os.path.split(self.path)
@@ -206,6 +213,8 @@ class VideoWriter:
             raise EMOInputError(f"cannot write video {self.path!r}: it is a directory")
         stem, suffix = os.path.splitext(filename)
         self.partial_path = os.path.join(directory, f".{stem}.partial{suffix or '.mp4'}")
+        self.signing_path = os.path.join(directory, f".{stem}.signing{suffix or '.mp4'}")
+        self.c2pa_signer, self.c2pa_manifest = c2pa_signer, c2pa_manifest
         self.fps = _fps_fraction(fps)
         if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate <= 0:
             raise EMOInputError(f"sample_rate must be a positive int (Hz), got {sample_rate!r}")
@@ -228,7 +237,7 @@ class VideoWriter:
         self._audio_samples_sent = 0
         self._closed = False
         # Unclosed writer garbage-collected (or interpreter exit): delete the partial file, never publish it.
-        self._finalizer = weakref.finalize(self, _remove_quietly, self.partial_path)
+        self._finalizer = weakref.finalize(self, _remove_quietly, self.partial_path, self.signing_path)
 
     def _validate_audio(self, audio: np.ndarray | None) -> np.ndarray | None:
         if audio is None:
@@ -368,7 +377,15 @@ class VideoWriter:
                 self._mux(self._audio_stream.encode(None))
             self._container.close()
             self._container = None
-            os.replace(self.partial_path, self.path)
+            if self.c2pa_signer is not None:
+                from emo_pipeline.provenance import manifest_definition, sign_mp4
+
+                manifest = self.c2pa_manifest or manifest_definition(os.path.basename(self.path))
+                sign_mp4(self.partial_path, self.signing_path, self.c2pa_signer, manifest)
+                os.replace(self.signing_path, self.path)
+                _remove_quietly(self.partial_path)
+            else:
+                os.replace(self.partial_path, self.path)
         except BaseException:
             self.abort()
             raise
@@ -382,7 +399,7 @@ class VideoWriter:
             with contextlib.suppress(Exception):
                 self._container.close()
             self._container = None
-        _remove_quietly(self.partial_path)
+        _remove_quietly(self.partial_path, self.signing_path)
         self._finalizer.detach()
 
     @property

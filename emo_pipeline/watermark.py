@@ -44,6 +44,7 @@ public, so anyone can read, strip or forge the mark. It is a provenance label fo
 
 import hashlib
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -88,6 +89,8 @@ _BLOCK = 4  # LL block side: 4x4 LL coefficients = an 8x8 pixel footprint
 _PIXELS_PER_BLOCK = 2 * _BLOCK
 _S0_MAX = _BLOCK * 2.0 * 255.0  # largest possible s0 (flat white block): LL <= 2 * 255 and s0 <= ||B||_F <= 4 * 510
 _KEY_SEED = b"emo-pipeline provenance watermark v1"
+WATERMARK_KEY_ENV = "EMO_WATERMARK_KEY"
+"""Environment variable holding a deployer's secret watermark key (used when no `key` argument is given)."""
 _LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
@@ -147,11 +150,24 @@ def detection_threshold(num_bits: int, max_false_positive: float = MAX_FALSE_POS
     return float("inf")  # payload too short to ever reach the bound: never "found"
 
 
+def _key_seed(key: str | bytes | None) -> bytes:
+    """The whitening seed of `key`: None -> $EMO_WATERMARK_KEY if set, else the public default key."""
+    if key is None:
+        key = os.environ.get(WATERMARK_KEY_ENV) or None
+    if key is None:
+        return _KEY_SEED
+    if isinstance(key, str):
+        key = key.encode("utf-8")
+    if not isinstance(key, bytes) or not key:
+        raise EMOInputError(f"watermark key must be a non-empty string, got {key!r}")
+    return _KEY_SEED + b"/secret/" + key
+
+
 @lru_cache(maxsize=32)
-def _block_key(num_blocks: int) -> np.ndarray:
-    """(num_blocks,) fixed pseudo-random 0/1 whitening key, from SHA-256 (stable across numpy versions)."""
+def _block_key(num_blocks: int, seed: bytes = _KEY_SEED) -> np.ndarray:
+    """(num_blocks,) pseudo-random 0/1 whitening key of `seed`, from SHA-256 (stable across numpy versions)."""
     digests = b"".join(
-        hashlib.sha256(_KEY_SEED + i.to_bytes(4, "little")).digest() for i in range(-(-num_blocks // 256))
+        hashlib.sha256(seed + i.to_bytes(4, "little")).digest() for i in range(-(-num_blocks // 256))
     )
     key = np.unpackbits(np.frombuffer(digests, dtype=np.uint8))[:num_blocks]
     key.flags.writeable = False
@@ -206,15 +222,16 @@ def _top_singular_triplet(blocks: np.ndarray, iterations: int = 8) -> tuple[np.n
     return s0, u0, v0
 
 
-def _block_bits(payload: np.ndarray, num_blocks: int) -> np.ndarray:
+def _block_bits(payload: np.ndarray, num_blocks: int, seed: bytes = _KEY_SEED) -> np.ndarray:
     """(num_blocks,) bit each block carries: the payload repeated in raster order, XOR the whitening key."""
-    return payload[np.arange(num_blocks) % payload.size] ^ _block_key(num_blocks)
+    return payload[np.arange(num_blocks) % payload.size] ^ _block_key(num_blocks, seed)
 
 
 def embed_watermark(
     frames: np.ndarray,
     payload: str | bytes | np.ndarray | list[int] = DEFAULT_PAYLOAD,
     strength: float = DEFAULT_STRENGTH,
+    key: str | bytes | None = None,
 ) -> np.ndarray:
     """Embed `payload` invisibly in every frame (see the module docstring for the scheme).
 
@@ -223,6 +240,8 @@ def embed_watermark(
         payload: the bits to embed (`payload_bits` formats); repeated over the frame's blocks.
         strength: QIM step ``q`` in units of the block's largest singular value (8 x grey levels on flat
             blocks); larger is more robust and more visible. Detection must use the same value.
+        key: a deployer's secret watermark key (then only detection with the same key finds the mark); None:
+            $EMO_WATERMARK_KEY if set, else the public default key that `emo-watermark detect` uses.
 
     Returns:
         Watermarked frames, same shape and dtype (a new array). Cost (one CPU core): about 12 ms per 512x512
@@ -230,6 +249,7 @@ def embed_watermark(
     """
     batch = _as_frame_batch(frames)
     bits = payload_bits(payload)
+    seed = _key_seed(key)
     if strength <= 0:
         raise EMOInputError(f"strength must be > 0, got {strength}")
     n, height, width, _ = batch.shape
@@ -251,7 +271,7 @@ def embed_watermark(
 
     # Nearest point of the bit's coset lattice (error in [-q/2, q/2], not the [-3q/4, q/4] of floor-based QIM),
     # kept inside the achievable range [0, _S0_MAX] so that clipping to [0, 255] does not undo it.
-    offset = (0.25 + 0.5 * _block_bits(bits, num_blocks).reshape(hb, wb)) * strength
+    offset = (0.25 + 0.5 * _block_bits(bits, num_blocks, seed).reshape(hb, wb)) * strength
     target = np.round((s0 - offset) / strength) * strength + offset
     target = np.where(target < 0, target + strength, target)
     target = np.where(target > _S0_MAX, target - strength, target)
@@ -268,7 +288,7 @@ def embed_watermark(
     return out.reshape(np.shape(frames))
 
 
-def _detect_luma(luma: np.ndarray, bits: np.ndarray, strength: float) -> WatermarkResult:
+def _detect_luma(luma: np.ndarray, bits: np.ndarray, strength: float, seed: bytes = _KEY_SEED) -> WatermarkResult:
     """Detect from (N, H, W) float luma in [0, 255] (see `detect_watermark`)."""
     n, height, width = luma.shape
     num_blocks = watermark_capacity(height, width)
@@ -286,7 +306,7 @@ def _detect_luma(luma: np.ndarray, bits: np.ndarray, strength: float) -> Waterma
     shift = 0.5 * np.angle(-np.exp(2j * phase).sum())
 
     # Soft vote per block, +1 for bit 0 and -1 for bit 1; the key sign un-whitens it.
-    key_sign = 1.0 - 2.0 * _block_key(num_blocks)
+    key_sign = 1.0 - 2.0 * _block_key(num_blocks, seed)
     votes = np.sin(phase - shift) * key_sign
     # Sum the votes of all copies of each payload bit: (N, num_blocks) -> (N, L).
     copy_of = np.eye(bits.size)[np.arange(num_blocks) % bits.size]  # (num_blocks, L) one-hot
@@ -303,6 +323,7 @@ def detect_watermark(
     frames: np.ndarray,
     payload: str | bytes | np.ndarray | list[int] = DEFAULT_PAYLOAD,
     strength: float = DEFAULT_STRENGTH,
+    key: str | bytes | None = None,
 ) -> WatermarkResult:
     """Look for `payload` in frames, soft-voting over every copy of each bit in every frame.
 
@@ -311,6 +332,7 @@ def detect_watermark(
             written resolution (no resize or crop).
         payload: the expected bits (`payload_bits` formats).
         strength: the `strength` used at embedding.
+        key: the watermark key used at embedding (None: $EMO_WATERMARK_KEY if set, else the public default).
 
     Returns:
         `WatermarkResult`. `found` needs a bit accuracy of at least `detection_threshold(len(payload))`: for the
@@ -320,7 +342,7 @@ def detect_watermark(
     batch = _as_frame_batch(frames)
     if strength <= 0:
         raise EMOInputError(f"strength must be > 0, got {strength}")
-    return _detect_luma(batch @ _LUMA_WEIGHTS, payload_bits(payload), strength)
+    return _detect_luma(batch @ _LUMA_WEIGHTS, payload_bits(payload), strength, _key_seed(key))
 
 
 def _open_media(path: str | PathLike) -> av.container.InputContainer:
@@ -336,6 +358,7 @@ def detect_watermark_in_file(
     max_frames: int = 250,
     payload: str | bytes | np.ndarray | list[int] = DEFAULT_PAYLOAD,
     strength: float = DEFAULT_STRENGTH,
+    key: str | bytes | None = None,
 ) -> WatermarkResult:
     """Decode up to `max_frames` frames (default 250: 10 s at 25 fps) of `path`'s video and detect the watermark.
 
@@ -348,6 +371,7 @@ def detect_watermark_in_file(
     if max_frames < 1:
         raise EMOInputError(f"max_frames must be >= 1, got {max_frames}")
     bits = payload_bits(payload)
+    seed = _key_seed(key)
     with _open_media(path) as container:
         if not container.streams.video:
             raise EMOInputError(f"{str(path)!r} has no video stream")
@@ -362,7 +386,7 @@ def detect_watermark_in_file(
             raise EMOInputError(f"cannot decode the video of {str(path)!r}: {error}") from error
     if not luma:
         raise EMOInputError(f"{str(path)!r} has a video stream but no decodable frame")
-    return _detect_luma(np.stack(luma), bits, strength)
+    return _detect_luma(np.stack(luma), bits, strength, seed)
 
 
 def read_ai_metadata(path: str | PathLike) -> dict[str, str]:

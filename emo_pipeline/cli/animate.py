@@ -20,6 +20,7 @@ import time
 
 from emo_pipeline.cli._common import DTYPES, SCHEDULER_NAMES
 from emo_pipeline.errors import EMOInputError
+from emo_pipeline.provenance import add_c2pa_arguments, c2pa_signer_from_args
 
 __all__ = ["SCHEDULER_NAMES", "build_parser", "main"]
 
@@ -120,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-audio-seconds", type=float, default=3600.0, help="refuse longer audio (default: 3600, one hour)"
     )
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_c2pa_arguments(parser)
     return parser
 
 
@@ -172,6 +174,7 @@ def _run_jobs(args: argparse.Namespace) -> int:
         return 2
     failures = args.failures or os.path.join(os.path.dirname(os.path.abspath(args.jobs)), "failures.jsonl")
     try:
+        signer = c2pa_signer_from_args(args, notice=_is_main_process())
         summary = run_batch(
             jobs,
             _defaults(args),
@@ -182,6 +185,7 @@ def _run_jobs(args: argparse.Namespace) -> int:
             watermark=not args.no_watermark,
             max_audio_seconds=args.max_audio_seconds,
             progress=not args.no_progress,
+            c2pa_signer=signer,
         )
     except EMOInputError as error:  # the model itself cannot be loaded: no job can run
         print(f"error: {error}", file=sys.stderr)
@@ -203,6 +207,7 @@ def _run_one(args: argparse.Namespace) -> int:
     steps = args.steps if args.steps is not None else defaults["steps"]
     progress = None
     try:
+        signer = c2pa_signer_from_args(args)
         preflight(
             args.image,
             args.audio,
@@ -225,6 +230,7 @@ def _run_one(args: argparse.Namespace) -> int:
             args.image,
             args.audio,
             crf=args.crf,
+            c2pa_signer=signer or False,
             height=size,
             width=size,
             fps=args.fps,
