@@ -9,6 +9,7 @@ nothing at the target path.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import weakref
@@ -150,6 +151,17 @@ def read_video_frames(path: str | os.PathLike[str], indices: Any = None) -> np.n
 # ----------------------------------------------------------------------------------------------------------------
 # Writing
 # ----------------------------------------------------------------------------------------------------------------
+
+
+_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+def _disk_full_error(path: str, error: OSError) -> EMOInputError:
+    """A clear message for a write that failed for lack of space (full disk, quota, file-size limit)."""
+    return EMOInputError(
+        f"cannot write video {path!r}: {error.strerror or error} (the disk is full or a size limit was reached); "
+        "free some space or write elsewhere. Nothing was saved."
+    )
 
 
 def _remove_quietly(*paths: str) -> None:
@@ -355,8 +367,14 @@ class VideoWriter:
         self._audio_samples_sent = end
 
     def _mux(self, packets: Any) -> None:
-        for packet in packets:
-            self._container.mux(packet)
+        try:
+            for packet in packets:
+                self._container.mux(packet)
+        except OSError as error:
+            if error.errno not in _DISK_FULL_ERRNOS:
+                raise
+            self.abort()
+            raise _disk_full_error(self.path, error) from error
 
     # -- finishing -----------------------------------------------------------------------------------------
 
@@ -375,7 +393,12 @@ class VideoWriter:
             self._mux(self._video_stream.encode(None))
             if self._audio_stream is not None:
                 self._mux(self._audio_stream.encode(None))
-            self._container.close()
+            try:
+                self._container.close()
+            except OSError as error:
+                if error.errno not in _DISK_FULL_ERRNOS:
+                    raise
+                raise _disk_full_error(self.path, error) from error
             self._container = None
             if self.c2pa_signer is not None:
                 from emo_pipeline.provenance import manifest_definition, sign_mp4
