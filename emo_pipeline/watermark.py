@@ -34,12 +34,17 @@ so the default ``q = 64`` moves an 8x8 block by at most 4 grey levels: PSNR 39.9
 40.8 at 64 (astronaut test image). Exception: ``s0`` cannot go below 0, so pure black blocks are lifted by 2
 (bit 0) or 6 (bit 1) grey levels.
 
-Robustness (measured, see tests/test_watermark.py): survives libx264 yuv420p at crf 18-23 at 64-512 px and
-crf 28 at 512 px. A global luma offset up to ``q/4`` in ``s0`` (2 grey levels) is removed blindly at
-detection: swscale's yuv420p -> rgb24 conversion (PyAV ``to_ndarray(format="rgb24")``) darkens luma by about
-1.2 levels, which is why `detect_watermark_in_file` reads the luma plane instead. Not robust to resizing,
-cropping, rotation or strong blur (the block grid must line up), and not a security feature: the key is
-public, so anyone can read, strip or forge the mark. It is a provenance label for honest pipelines.
+Robustness (measured: benchmarks/results/watermark_robustness.json, table in the README): survives libx264
+yuv420p at crf 18-28, downscaling to 0.5x and 0.25x, a 15 fps resample, a horizontal flip, grey-scale, brightness
+and contrast changes and a screen-recording stand-in (blur + noise + rescale); not crf 35, and not cropping (the
+payload's raster order is lost). A global luma offset up to ``q/4`` in ``s0`` (2 grey levels) is removed blindly at
+detection: swscale's yuv420p -> rgb24 conversion (PyAV ``to_ndarray(format="rgb24")``) darkens luma by about 1.2
+levels, which is why `detect_watermark_in_file` reads the luma plane instead; a larger offset may flip every bit,
+which the two-sided test catches (`WatermarkResult.inverted`). Flips, rescales and contrast gains are undone by a
+blind resynchronisation (`_detect_with_resync`). Not a security feature with the default key, which is public:
+anyone can read, strip or forge the mark. A deployer's secret key (`key=`, $EMO_WATERMARK_KEY) keeps others from
+reading or forging it, not from destroying it. It is a provenance label; the signed C2PA manifest
+(`emo_pipeline.provenance`) is the tamper-evident one.
 """
 
 import hashlib
