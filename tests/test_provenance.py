@@ -182,3 +182,29 @@ def test_environment_variables_configure_signing_and_no_key_gives_one_notice(pki
         assert resolve_c2pa_signer(environ={}) is None
         assert resolve_c2pa_signer(environ={}) is None
     assert [r.getMessage() for r in caplog.records] == [provenance.NO_SIGNER_NOTICE]
+
+
+def test_the_app_signs_its_videos_naming_the_uploads(signer, short_speech, tmp_path):
+    from emo_pipeline.app import PipelineHolder, generate
+
+    (tmp_path / "jobs").mkdir()
+    kept = tmp_path / "kept.mp4"
+    for _, final, _, _ in generate(
+        PipelineHolder(None),
+        tmp_path / "jobs",
+        str(PORTRAIT),
+        str(short_speech),
+        "",
+        1,
+        3.5,
+        0,
+        64,
+        0,
+        "euler",
+        c2pa_signer=signer,
+    ):
+        if final is not None:  # the page copies it now; the job folder goes when the generator ends
+            kept.write_bytes(open(final, "rb").read())  # noqa: SIM115
+    credentials = read_content_credentials(kept)
+    assert credentials.state == "valid"
+    assert {item["title"] for item in credentials.claims["inputs"].values()} == {"portrait.png", "short.wav"}
