@@ -141,8 +141,8 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--clean-clips", type=int, default=1000)
-    parser.add_argument("--clean-size", type=int, default=128)
-    parser.add_argument("--clean-frames", type=int, default=4)
+    parser.add_argument("--clean-size", type=int, default=96)
+    parser.add_argument("--clean-frames", type=int, default=3)
     parser.add_argument("--output", default="benchmarks/results/watermark_robustness.json")
     args = parser.parse_args()
 

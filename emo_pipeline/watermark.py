@@ -151,6 +151,7 @@ def false_positive_probability(num_bits: int, min_matches: int) -> float:
     return sum(math.comb(num_bits, k) for k in range(min_matches, num_bits + 1)) / 2.0**num_bits
 
 
+@lru_cache(maxsize=64)
 def detection_threshold(num_bits: int, max_false_positive: float = MAX_FALSE_POSITIVE) -> float:
     """Smallest bit accuracy whose false-positive probability is <= `max_false_positive` (48 bits: 41/48 = 0.854).
 
@@ -299,17 +300,30 @@ def embed_watermark(
     return out.reshape(np.shape(frames))
 
 
+def _block_s0(luma: np.ndarray) -> np.ndarray:
+    """(N, H, W) float luma -> (N, num_blocks) largest singular value of each 4x4 LL block, float64."""
+    n, height, width = luma.shape
+    hb, wb = height // _PIXELS_PER_BLOCK, width // _PIXELS_PER_BLOCK
+    if n == 0 or hb * wb == 0:
+        return np.zeros((n, 0))
+    blocks = _ll_blocks(luma[:, : hb * _PIXELS_PER_BLOCK, : wb * _PIXELS_PER_BLOCK].astype(np.float32))
+    return _top_singular_triplet(blocks)[0].reshape(n, hb * wb).astype(np.float64)
+
+
 def _detect_luma(
     luma: np.ndarray, bits: np.ndarray, strength: float, seed: bytes = _KEY_SEED, gain: float = 1.0
 ) -> WatermarkResult:
     """Detect from (N, H, W) float luma in [0, 255] (see `detect_watermark`); `gain`: a contrast change to undo."""
-    n, height, width = luma.shape
-    num_blocks = watermark_capacity(height, width)
+    return _detect_s0(_block_s0(luma), bits, strength, seed, gain)
+
+
+def _detect_s0(
+    s0: np.ndarray, bits: np.ndarray, strength: float, seed: bytes = _KEY_SEED, gain: float = 1.0
+) -> WatermarkResult:
+    """`_detect_luma` from the blocks' (N, num_blocks) `s0`."""
+    n, num_blocks = s0.shape
     if n == 0 or num_blocks == 0:
         return WatermarkResult(False, 0.0, np.zeros(n), n)
-    hb, wb = height // _PIXELS_PER_BLOCK, width // _PIXELS_PER_BLOCK
-    blocks = _ll_blocks(luma[:, : hb * _PIXELS_PER_BLOCK, : wb * _PIXELS_PER_BLOCK].astype(np.float32))
-    s0 = _top_singular_triplet(blocks)[0].reshape(n, num_blocks).astype(np.float64)
     phase = 2.0 * np.pi * s0 / (strength * gain)
 
     # Blind removal of a global shift of s0 (a decoder's luma bias moves every s0 alike): both bit lattices sit
@@ -336,25 +350,27 @@ def _detect_luma(
     return WatermarkResult(found, bit_accuracy, per_frame_accuracy, n, bool(inverted))
 
 
-_RESYNC_GAINS = np.round(np.arange(0.70, 1.4001, 0.02), 2)
+_RESYNC_GAINS = np.round(np.arange(0.70, 1.4001, 0.05), 2)
 _RESYNC_SAMPLE_FRAMES = 8  # frames the contrast gain is estimated on
 _RESYNC_PIXELS = 25 * 256 * 256  # pixels each resynchronised test reads (frames spread over the video), >= 2 frames
 
 
-def _lattice_concentration(luma: np.ndarray, strength: float) -> tuple[float, float]:
-    """(best gain, its concentration): how tightly the blocks' ``s0 / gain`` sit on the watermark lattices, blind
-    to the payload and key. ``|mean exp(4 pi i s0 / (q g))|`` is near 1 for marked frames at the written geometry
-    and contrast and near 0 otherwise (both bit lattices map to the same point, whatever the bits)."""
-    n, height, width = luma.shape
-    hb, wb = height // _PIXELS_PER_BLOCK, width // _PIXELS_PER_BLOCK
-    if hb * wb == 0:
-        return 1.0, 0.0
-    blocks = _ll_blocks(luma[:, : hb * _PIXELS_PER_BLOCK, : wb * _PIXELS_PER_BLOCK].astype(np.float32))
-    s0 = _top_singular_triplet(blocks)[0].reshape(-1).astype(np.float64)
-    angles = 4.0 * np.pi * s0[None, :] / (strength * _RESYNC_GAINS[:, None])
-    concentration = np.abs(np.exp(1j * angles).mean(axis=1))
-    best = int(np.argmax(concentration))
-    return float(_RESYNC_GAINS[best]), float(concentration[best])
+def _lattice_concentration(s0: np.ndarray, strength: float) -> float:
+    """The contrast gain whose ``s0 / gain`` sits best on the watermark lattices, blind to the payload and key:
+    ``|mean exp(4 pi i s0 / (q g))|`` is near 1 for marked frames at the written contrast and near 0 otherwise
+    (both bit lattices map to the same point, whatever the bits). Coarse steps of 0.05, then 0.01 around the best,
+    on at most 8192 blocks."""
+    values = s0.reshape(-1)
+    if values.size == 0:
+        return 1.0
+    values = values[:: max(1, values.size // 8192)]
+
+    def best(gains: np.ndarray) -> float:
+        angles = 4.0 * np.pi * values[None, :] / (strength * gains[:, None])
+        return float(gains[int(np.argmax(np.abs(np.exp(1j * angles).mean(axis=1))))])
+
+    coarse = best(_RESYNC_GAINS)
+    return round(best(np.round(np.arange(coarse - 0.04, coarse + 0.0401, 0.01), 2)), 2)
 
 
 def _resize(luma: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -381,8 +397,8 @@ def _detect_with_resync(
 ) -> WatermarkResult:
     """`_detect_luma` on the frames as given; if nothing is found and `resync`, again after undoing each
     transform of `_resync_candidates`, each at contrast gain 1 and at the gain whose blocks sit best on the
-    lattices (`_lattice_concentration`, blind to payload and key), on up to `_RESYNC_FRAMES` frames spread over
-    the video. Each of these K extra tests needs more matching bits: the threshold for a false-positive
+    lattices (`_lattice_concentration`, blind to payload and key), on up to `_RESYNC_PIXELS` pixels of frames
+    spread over the video. Each of these K extra tests needs more matching bits: the threshold for a false-positive
     probability of `MAX_FALSE_POSITIVE / (2 K)` (two-sided), so all of them together add at most
     `MAX_FALSE_POSITIVE` (1e-6) to the 6.2e-7 of the first test."""
     result = _detect_luma(luma, bits, strength, seed)
@@ -400,15 +416,15 @@ def _detect_with_resync(
 
     tests = []
     for label, scale, flip in _resync_candidates(height, width):
-        frames = transform(spread(max(2, _RESYNC_PIXELS // round(height * width * scale * scale))), scale, flip)
-        gain = _lattice_concentration(frames[:_RESYNC_SAMPLE_FRAMES], strength)[0]
+        s0 = _block_s0(transform(spread(max(2, _RESYNC_PIXELS // round(height * width * scale * scale))), scale, flip))
+        gain = _lattice_concentration(s0[:_RESYNC_SAMPLE_FRAMES], strength)
         for candidate_gain in sorted({1.0, gain}):
             if label != "as given" or candidate_gain != 1.0:  # the frames as given at gain 1: the first test
-                tests.append((label, frames, candidate_gain))
+                tests.append((label, s0, candidate_gain))
     threshold = detection_threshold(bits.size, MAX_FALSE_POSITIVE / (2 * len(tests)))
     best = None
-    for label, frames, gain in tests:
-        again = _detect_luma(frames, bits, strength, seed, gain)
+    for label, s0, gain in tests:
+        again = _detect_s0(s0, bits, strength, seed, gain)
         if best is None or again.bit_accuracy > best[0].bit_accuracy:
             best = (again, label, gain)
     again, label, gain = best
