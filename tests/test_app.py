@@ -535,8 +535,16 @@ def test_in_a_browser_stop_ends_the_job_within_a_step_and_the_next_one_runs_alon
 
 
 @pytest.fixture(scope="module")
-def auth_server(tmp_path_factory):
-    yield from _start_server(tmp_path_factory, "--no-preload", "--auth", "visitor:s3cret")
+def auth_server():
+    """The page with a login, served from this process (no model is loaded: only the login is tested)."""
+    _browser_paths()
+    port = _free_port()
+    demo = build_demo(None)
+    demo.queue(default_concurrency_limit=1).launch(
+        server_name="127.0.0.1", server_port=port, auth=[("visitor", "s3cret")], prevent_thread_lock=True, quiet=True
+    )
+    yield (f"http://127.0.0.1:{port}/",)
+    demo.close()
 
 
 def test_only_the_job_folders_and_uploads_are_served(app_server):
