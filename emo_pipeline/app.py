@@ -79,13 +79,26 @@ class PipelineHolder:
             return self.pipe
 
 
-def _write_clip_preview(path: Path, frames: Any, audio: Any, fps: float, first_frame: int) -> None:
-    """One clip as a small mp4 with its stretch of the audio, for the page to show while the rest is generated."""
+def _write_clip_preview(
+    path: Path, frames: Any, audio: Any, fps: float, first_frame: int, signer: Any = None, manifest: Any = None
+) -> None:
+    """One clip as a small mp4 with its stretch of the audio, for the page to show while the rest is generated
+    (signed like the final video when a C2PA signer is configured: the page offers it for download too)."""
     from emo_pipeline.media import VideoWriter
 
     start = round(first_frame * SAMPLE_RATE / fps)
     stop = round((first_frame + len(frames)) * SAMPLE_RATE / fps)
-    with VideoWriter(path, fps=fps, audio=audio[start:stop], sample_rate=SAMPLE_RATE, preset="veryfast") as writer:
+    if manifest is not None:
+        manifest = {**manifest, "title": path.name}
+    with VideoWriter(
+        path,
+        fps=fps,
+        audio=audio[start:stop],
+        sample_rate=SAMPLE_RATE,
+        preset="veryfast",
+        c2pa_signer=signer,
+        c2pa_manifest=manifest,
+    ) as writer:
         writer.write(frames)
 
 
@@ -235,7 +248,7 @@ def _generate(
                     raise JobStopped(f"stopped after clip {index + 1}")
                 writer.write(frames)
                 preview = job / f"clip-{index + 1:04d}.mp4"
-                _write_clip_preview(preview, frames, plan.audio, fps, written)
+                _write_clip_preview(preview, frames, plan.audio, fps, written, c2pa_signer, manifest)
                 written += len(frames)
                 yield str(preview), None, None, f"Clip {index + 1} of {plan.num_clips} done ({written} frames)."
         completed = True

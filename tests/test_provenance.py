@@ -189,7 +189,7 @@ def test_the_app_signs_its_videos_naming_the_uploads(signer, short_speech, tmp_p
 
     (tmp_path / "jobs").mkdir()
     kept = tmp_path / "kept.mp4"
-    for _, final, _, _ in generate(
+    for latest, final, _, _ in generate(
         PipelineHolder(None),
         tmp_path / "jobs",
         str(PORTRAIT),
@@ -205,6 +205,8 @@ def test_the_app_signs_its_videos_naming_the_uploads(signer, short_speech, tmp_p
     ):
         if final is not None:  # the page copies it now; the job folder goes when the generator ends
             kept.write_bytes(open(final, "rb").read())  # noqa: SIM115
+        else:  # each clip's preview, offered by the page's player, is signed too
+            assert read_content_credentials(latest).state == "valid"
     credentials = read_content_credentials(kept)
     assert credentials.state == "valid"
     assert {item["title"] for item in credentials.claims["inputs"].values()} == {"portrait.png", "short.wav"}
