@@ -34,17 +34,17 @@ so the default ``q = 64`` moves an 8x8 block by at most 4 grey levels: PSNR 39.9
 40.8 at 64 (astronaut test image). Exception: ``s0`` cannot go below 0, so pure black blocks are lifted by 2
 (bit 0) or 6 (bit 1) grey levels.
 
-Robustness (measured: benchmarks/results/watermark_robustness.json, table in the README): survives libx264
-yuv420p at crf 18-28, downscaling to 0.5x and 0.25x, a 15 fps resample, a horizontal flip, grey-scale, brightness
-and contrast changes and a screen-recording stand-in (blur + noise + rescale); not crf 35, and not cropping (the
-payload's raster order is lost). A global luma offset up to ``q/4`` in ``s0`` (2 grey levels) is removed blindly at
-detection: swscale's yuv420p -> rgb24 conversion (PyAV ``to_ndarray(format="rgb24")``) darkens luma by about 1.2
-levels, which is why `detect_watermark_in_file` reads the luma plane instead; a larger offset may flip every bit,
-which the two-sided test catches (`WatermarkResult.inverted`). Flips, rescales and contrast gains are undone by a
-blind resynchronisation (`_detect_with_resync`). Not a security feature with the default key, which is public:
-anyone can read, strip or forge the mark. A deployer's secret key (`key=`, $EMO_WATERMARK_KEY) keeps others from
-reading or forging it, not from destroying it. It is a provenance label; the signed C2PA manifest
-(`emo_pipeline.provenance`) is the tamper-evident one.
+Robustness (measured: benchmarks/results/watermark_robustness.json, table in the README): survives libx264 yuv420p
+at crf 18-28, downscaling to 0.5x and 0.25x, centre crops of 10% and 25%, a 15 fps resample, a horizontal flip,
+grey-scale, brightness and contrast changes and a screen-recording stand-in (blur + noise + rescale); not crf 35,
+nor off-centre crops, rotations or strong blur. A global luma offset up to ``q/4`` in ``s0`` (2 grey levels) is
+removed blindly at detection: swscale's yuv420p -> rgb24 conversion (PyAV ``to_ndarray(format="rgb24")``) darkens
+luma by about 1.2 levels, which is why `detect_watermark_in_file` reads the luma plane instead; a larger offset may
+flip every bit, which the two-sided test catches (`WatermarkResult.inverted`). Flips, rescales, centre crops and
+contrast gains are undone by a blind resynchronisation (`_detect_with_resync`). Not a security feature with the
+default key, which is public: anyone can read, strip or forge the mark. A deployer's secret key (`key=`,
+$EMO_WATERMARK_KEY) keeps others from reading or forging it, not from destroying it. It is a provenance label; the
+signed C2PA manifest (`emo_pipeline.provenance`) is the tamper-evident one.
 """
 
 import hashlib
@@ -318,23 +318,30 @@ def _detect_luma(
 
 
 def _detect_s0(
-    s0: np.ndarray, bits: np.ndarray, strength: float, seed: bytes = _KEY_SEED, gain: float = 1.0
+    s0: np.ndarray,
+    bits: np.ndarray,
+    strength: float,
+    seed: bytes = _KEY_SEED,
+    gain: float = 1.0,
+    valid: np.ndarray | None = None,
 ) -> WatermarkResult:
-    """`_detect_luma` from the blocks' (N, num_blocks) `s0`."""
+    """`_detect_luma` from the blocks' (N, num_blocks) `s0`; `valid`: (num_blocks,) bool, the blocks that hold
+    picture (the others, e.g. padding around a crop, do not vote)."""
     n, num_blocks = s0.shape
     if n == 0 or num_blocks == 0:
         return WatermarkResult(False, 0.0, np.zeros(n), n)
+    weight = np.ones(num_blocks) if valid is None else valid.astype(np.float64)
     phase = 2.0 * np.pi * s0 / (strength * gain)
 
     # Blind removal of a global shift of s0 (a decoder's luma bias moves every s0 alike): both bit lattices sit
     # at phase pi/2 + k*pi, so 2*phase clusters at pi whatever the payload; the angle of the mean of
     # exp(2i*phase) measures the shift modulo q/2 (correctable up to +-q/4) without looking at the payload,
     # which keeps unwatermarked votes fair coins.
-    shift = 0.5 * np.angle(-np.exp(2j * phase).sum())
+    shift = 0.5 * np.angle(-(np.exp(2j * phase) * weight).sum())
 
     # Soft vote per block, +1 for bit 0 and -1 for bit 1; the key sign un-whitens it.
     key_sign = 1.0 - 2.0 * _block_key(num_blocks, seed)
-    votes = np.sin(phase - shift) * key_sign
+    votes = np.sin(phase - shift) * key_sign * weight
     # Sum the votes of all copies of each payload bit: (N, num_blocks) -> (N, L).
     copy_of = np.eye(bits.size)[np.arange(num_blocks) % bits.size]  # (num_blocks, L) one-hot
     per_frame_votes = votes @ copy_of
@@ -381,14 +388,28 @@ def _resize(luma: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.stack([cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA) for frame in luma])
 
 
-def _resync_candidates(height: int, width: int) -> list[tuple[str, float, bool]]:
-    """(label, scale, flip) transforms to try: a horizontal flip, and rescales to the sizes the pipeline writes
-    (heights that are multiples of 64, 64..1024, within 0.25x..4.5x of the frames given), with the aspect kept."""
-    candidates = [("as given", 1.0, False), ("horizontal flip", 1.0, True)]
+def _resync_candidates(height: int, width: int) -> list[tuple[str, float, bool, tuple | None]]:
+    """(label, scale, flip, canvas) transforms to try: a horizontal flip; rescales to the sizes the pipeline writes
+    (heights that are multiples of 64, 64..1024, within 0.25x..4.5x of the frames given), with the aspect kept;
+    and centre crops of up to 40% from such a size (`canvas` = (H0, W0, top, left): the frames are put back at
+    their place in a frame of that size, edges replicated, which realigns the block grid and the payload order)."""
+    candidates: list[tuple[str, float, bool, tuple | None]] = [
+        ("as given", 1.0, False, None),
+        ("horizontal flip", 1.0, True, None),
+    ]
     for target in range(64, 1025, 64):
         scale = target / height
         if target != height and 0.25 <= scale <= 4.5 and round(width * scale) >= 64:
-            candidates.append((f"rescaled to {target}x{round(width * scale / 8) * 8}", scale, False))
+            candidates.append((f"rescaled to {target}x{round(width * scale / 8) * 8}", scale, False, None))
+    for full_height in range(64, 1025, 64):
+        if not height < full_height <= height / 0.6:
+            continue
+        full_width = round(width * full_height / height / 8) * 8  # the same fraction cropped from both sides
+        offsets = {(full_height - height) // 2, (full_height - height + 1) // 2}
+        for top in sorted(offsets):
+            left = top * (full_width - width) // max(1, full_height - height)
+            label = f"centre crop of {full_width}x{full_height} undone (at {left},{top})"
+            candidates.append((label, 1.0, False, (full_height, full_width, top, left)))
     return candidates
 
 
@@ -409,22 +430,37 @@ def _detect_with_resync(
     def spread(count: int) -> np.ndarray:
         return luma[np.unique(np.linspace(0, n - 1, max(1, min(n, count))).round().astype(int))]
 
-    def transform(frames: np.ndarray, scale: float, flip: bool) -> np.ndarray:
+    def transform(frames: np.ndarray, scale: float, flip: bool, canvas: tuple | None) -> np.ndarray:
         if scale != 1.0:
             frames = _resize(frames, round(height * scale), round(width * scale / 8) * 8)
+        if canvas is not None:
+            full_height, full_width, top, left = canvas
+            bottom, right = full_height - height - top, full_width - width - left
+            frames = np.pad(frames, ((0, 0), (top, max(0, bottom)), (left, max(0, right))), mode="edge")
         return np.ascontiguousarray(frames[:, :, ::-1]) if flip else frames
 
     tests = []
-    for label, scale, flip in _resync_candidates(height, width):
-        s0 = _block_s0(transform(spread(max(2, _RESYNC_PIXELS // round(height * width * scale * scale))), scale, flip))
-        gain = _lattice_concentration(s0[:_RESYNC_SAMPLE_FRAMES], strength)
+    for label, scale, flip, canvas in _resync_candidates(height, width):
+        count = max(2, _RESYNC_PIXELS // round(height * width * scale * scale))
+        s0 = _block_s0(transform(spread(count), scale, flip, canvas))
+        valid = None
+        if canvas is not None:  # only blocks wholly inside the picture vote
+            full_height, full_width, top, left = canvas
+            rows = np.arange(full_height // _PIXELS_PER_BLOCK) * _PIXELS_PER_BLOCK
+            cols = np.arange(full_width // _PIXELS_PER_BLOCK) * _PIXELS_PER_BLOCK
+            inside_rows = (rows >= top) & (rows + _PIXELS_PER_BLOCK <= top + height)
+            inside_cols = (cols >= left) & (cols + _PIXELS_PER_BLOCK <= left + width)
+            valid = (inside_rows[:, None] & inside_cols[None, :]).reshape(-1)
+        gain = _lattice_concentration(
+            s0[:_RESYNC_SAMPLE_FRAMES, valid] if valid is not None else s0[:_RESYNC_SAMPLE_FRAMES], strength
+        )
         for candidate_gain in sorted({1.0, gain}):
             if label != "as given" or candidate_gain != 1.0:  # the frames as given at gain 1: the first test
-                tests.append((label, s0, candidate_gain))
+                tests.append((label, s0, candidate_gain, valid))
     threshold = detection_threshold(bits.size, MAX_FALSE_POSITIVE / (2 * len(tests)))
     best = None
-    for label, s0, gain in tests:
-        again = _detect_s0(s0, bits, strength, seed, gain)
+    for label, s0, gain, valid in tests:
+        again = _detect_s0(s0, bits, strength, seed, gain, valid)
         if best is None or again.bit_accuracy > best[0].bit_accuracy:
             best = (again, label, gain)
     again, label, gain = best

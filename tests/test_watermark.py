@@ -281,6 +281,14 @@ def test_resynchronisation_finds_the_mark_after_common_edits(change, resync):
         assert result.inverted
 
 
+def test_resynchronisation_undoes_a_centre_crop():
+    marked = embed_watermark(talking_head(256, num_frames=3))
+    cropped = marked[:, 32:-32, 32:-32]  # 25% of each side: 192x192 left, the block grid and payload order lost
+    assert not detect_watermark(cropped, resync=False).found
+    result = detect_watermark(cropped)
+    assert result.found and result.bit_accuracy >= 0.9 and "centre crop of 256x256 undone" in result.resync
+
+
 def test_resynchronisation_keeps_clean_video_unflagged():
     rng = np.random.default_rng(1)
     for clip in (talking_head(96, num_frames=3), smooth_video(96, 96, num_frames=2)):
