@@ -164,6 +164,8 @@ def main() -> int:
                     "size": shape,
                     "bit_accuracy": round(result.bit_accuracy, 3),
                     "found": bool(result.found),
+                    "resync": result.resync,
+                    "inverted": bool(result.inverted),
                     "detect_seconds": round(time.perf_counter() - t0, 2),
                 }
             )
