@@ -501,7 +501,7 @@ def test_callback_must_return_a_dict(pipe):
     [
         ("__call__", ["image", "audio", "return_dict"]),
         ("iter_clips", ["image", "audio"]),
-        ("write_video", ["output_path", "image", "audio", "crf"]),
+        ("write_video", ["output_path", "image", "audio", "crf", "c2pa_signer"]),
     ],
 )
 def test_signature_and_help_show_every_argument_with_its_default(pipe, method, own):
@@ -522,7 +522,7 @@ def test_readme_argument_table_names_every_argument():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     table = re.search(r"\| argument \| default \| meaning \|\n(.*?)\n\n", readme, re.S).group(1)
     named = set(re.findall(r"`(\w+)`", "\n".join(row.split(" | ")[0] for row in table.splitlines())))
-    arguments = {"image", "audio", "return_dict", "crf"} | {
+    arguments = {"image", "audio", "return_dict", "crf", "c2pa_signer"} | {
         field.name for field in dataclasses.fields(GenerationSettings)
     }
     assert named == arguments
