@@ -24,6 +24,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from emo_pipeline.app_safety import (
+    DEFAULT_MAX_SECONDS,
+    DEFAULT_MAX_UPLOAD_MB,
+    GenerationGate,
+    JobStopped,
+    check_upload,
+    is_local_address,
+    read_auth,
+)
 from emo_pipeline.cli._common import (
     DTYPES,
     SCHEDULER_NAMES,
@@ -34,6 +43,7 @@ from emo_pipeline.cli._common import (
     preflight,
 )
 from emo_pipeline.errors import EMOInputError
+from emo_pipeline.provenance import add_c2pa_arguments, c2pa_signer_from_args
 
 __all__ = ["PipelineHolder", "build_demo", "generate", "main"]
 
@@ -63,6 +73,7 @@ class PipelineHolder:
         self.pipe: Any = None
         self.loaded_model: str | None = None
         self.lock = threading.Lock()
+        self.gate = GenerationGate()  # one generation at a time on this pipeline; Stop stops it within a step
 
     def get(self, model: str | None) -> Any:
         """The pipeline for `model` (None or "": the tiny demo pipeline), loading it if it is not the loaded one."""
@@ -76,13 +87,26 @@ class PipelineHolder:
             return self.pipe
 
 
-def _write_clip_preview(path: Path, frames: Any, audio: Any, fps: float, first_frame: int) -> None:
-    """One clip as a small mp4 with its stretch of the audio, for the page to show while the rest is generated."""
+def _write_clip_preview(
+    path: Path, frames: Any, audio: Any, fps: float, first_frame: int, signer: Any = None, manifest: Any = None
+) -> None:
+    """One clip as a small mp4 with its stretch of the audio, for the page to show while the rest is generated
+    (signed like the final video when a C2PA signer is configured: the page offers it for download too)."""
     from emo_pipeline.media import VideoWriter
 
     start = round(first_frame * SAMPLE_RATE / fps)
     stop = round((first_frame + len(frames)) * SAMPLE_RATE / fps)
-    with VideoWriter(path, fps=fps, audio=audio[start:stop], sample_rate=SAMPLE_RATE, preset="veryfast") as writer:
+    if manifest is not None:
+        manifest = {**manifest, "title": path.name}
+    with VideoWriter(
+        path,
+        fps=fps,
+        audio=audio[start:stop],
+        sample_rate=SAMPLE_RATE,
+        preset="veryfast",
+        c2pa_signer=signer,
+        c2pa_manifest=manifest,
+    ) as writer:
         writer.write(frames)
 
 
@@ -100,16 +124,19 @@ def generate(
     scheduler: str,
     progress: Any = None,
     face_analysis_dir: str | None = None,
+    *,
+    session: str | None = None,
+    max_upload_mb: float | None = DEFAULT_MAX_UPLOAD_MB,
+    max_seconds: float | None = DEFAULT_MAX_SECONDS,
+    c2pa_signer: Any = None,
 ) -> Iterator[tuple[str | None, str | None, str | None, str]]:
     """Generate one video; yields `(latest clip mp4, final mp4, final mp4 for download, status text)` after every
-    clip and once at the end. Raises `EMOInputError` for bad input (the page shows it). If the caller stops the
-    iteration (the Stop button), nothing is left in `workdir`. `face_analysis_dir`: Hallo weights' insightface
-    models (the page's field; empty: none, EMO weights need none)."""
-    import torch
-
-    from emo_pipeline.media import VideoWriter
-    from emo_pipeline.watermark import AI_GENERATED_METADATA
-
+    clip and once at the end. Raises `EMOInputError` for bad input (the page shows it), checked before the model
+    is touched: uploads over `max_upload_mb` or audio declaring more than `max_seconds` are refused before they are
+    decoded. Generations on one holder run one at a time (`holder.gate`); `holder.gate.request_stop(session)` makes
+    this one raise `JobStopped` at its next step. If stopped (or the caller closes the iteration), nothing is
+    left in `workdir`. `face_analysis_dir`: Hallo weights' insightface models (the page's field; empty: none, EMO
+    weights need none). `c2pa_signer`: sign the final mp4's C2PA content credentials."""
     if not image:
         raise EMOInputError("no portrait given: upload a photo of one face (or take one with the webcam)")
     if not audio:
@@ -117,13 +144,71 @@ def generate(
     steps, size, seed = int(steps), int(size), int(seed)
     speed_value = float(speed) if speed else None
     fps = 25.0
-    preflight(image, audio, None, size=size, fps=fps)  # before any model is loaded
+    max_bytes = None if max_upload_mb is None else max_upload_mb * 1e6
+    check_upload(image, "portrait", max_bytes=max_bytes)
+    check_upload(audio, "audio", max_bytes=max_bytes, max_seconds=max_seconds)
+    preflight(image, audio, None, size=size, fps=fps, max_audio_seconds=max_seconds)  # before any model is loaded
+    stop = holder.gate.enter(session, holder)  # waits while another generation still runs on this pipeline
+    outcome = "failed"
+    try:
+        yield from _generate(
+            holder,
+            workdir,
+            image,
+            audio,
+            model,
+            steps,
+            guidance_scale,
+            seed,
+            size,
+            speed_value,
+            scheduler,
+            progress,
+            stop,
+            c2pa_signer,
+            face_analysis_dir,
+        )
+        outcome = "finished"
+    except (JobStopped, GeneratorExit):
+        outcome = "stopped"
+        raise
+    finally:
+        holder.gate.leave(session, outcome)
+
+
+def _generate(
+    holder,
+    workdir,
+    image,
+    audio,
+    model,
+    steps,
+    guidance_scale,
+    seed,
+    size,
+    speed_value,
+    scheduler,
+    progress,
+    stop,
+    c2pa_signer,
+    face_analysis_dir,
+):
+    """The body of `generate`, run while holding the pipeline (see there)."""
+    import torch
+
+    from emo_pipeline.media import VideoWriter
+    from emo_pipeline.provenance import ingredient, manifest_definition, model_claim
+    from emo_pipeline.watermark import AI_GENERATED_METADATA
+
+    fps = 25.0
     pipe = holder.get(model)
     pipe.scheduler = holder.default_scheduler
     if scheduler and scheduler != MODEL_DEFAULT_SCHEDULER:
         pipe.set_scheduler(scheduler)
 
     def on_step(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
+        if stop.is_set():
+            raise JobStopped(f"stopped at clip {pipe.clip_index + 1}, step {step + 1}")
         if progress is not None:
             num_clips = pipe.last_plan.num_clips
             done = pipe.clip_index * steps + step + 1
@@ -156,13 +241,31 @@ def generate(
         final = job / "emo.mp4"
         preview = None
         written = 0
+        manifest = None
+        if c2pa_signer is not None:
+            manifest = manifest_definition(
+                final.name,
+                model=model_claim(getattr(pipe, "emo_metadata", None)),
+                ingredients=[
+                    ingredient(image, "portrait", Path(image).name),
+                    ingredient(audio, "audio", Path(audio).name),
+                ],
+            )
         with VideoWriter(
-            final, fps=fps, audio=plan.audio, sample_rate=SAMPLE_RATE, metadata=AI_GENERATED_METADATA
+            final,
+            fps=fps,
+            audio=plan.audio,
+            sample_rate=SAMPLE_RATE,
+            metadata=AI_GENERATED_METADATA,
+            c2pa_signer=c2pa_signer,
+            c2pa_manifest=manifest,
         ) as writer:
             for index, frames in enumerate(clips):
+                if stop.is_set():  # stopped while the clip was decoded: write nothing more
+                    raise JobStopped(f"stopped after clip {index + 1}")
                 writer.write(frames)
                 preview = job / f"clip-{index + 1:04d}.mp4"
-                _write_clip_preview(preview, frames, plan.audio, fps, written)
+                _write_clip_preview(preview, frames, plan.audio, fps, written, c2pa_signer, manifest)
                 written += len(frames)
                 yield str(preview), None, None, f"Clip {index + 1} of {plan.num_clips} done ({written} frames)."
         completed = True
@@ -196,12 +299,18 @@ def build_demo(
     model_editable: bool = True,
     face_analysis_dir: str | None = None,
     speed: SpeedOptions | None = None,
+    *,
+    max_upload_mb: float | None = DEFAULT_MAX_UPLOAD_MB,
+    max_seconds: float | None = DEFAULT_MAX_SECONDS,
+    c2pa_signer: Any = None,
 ) -> Any:
     """The Gradio Blocks page. `model`: the EMOPipeline folder or Hub id shown (and loaded) by default; None for
     the tiny random demo pipeline. `workdir`: where jobs write (default: a new temporary folder).
     `model_editable`: whether visitors may pick another model (a folder of the server or any Hub id) and the face
     analysis folder. `face_analysis_dir`: the insightface models Hallo weights need (the field's default).
-    `speed`: the speed switches applied to every model it loads (`SpeedOptions`)."""
+    `speed`: the speed switches applied to every model it loads (`SpeedOptions`).
+    `max_upload_mb`, `max_seconds`: the upload bounds (see `generate`). `c2pa_signer`: sign every video's C2PA
+    content credentials (`emo_pipeline.provenance`)."""
     import gradio as gr
 
     holder = PipelineHolder(model, device, dtype, speed)
@@ -220,6 +329,7 @@ def build_demo(
         speed,
         scheduler,
         face_dir,
+        request: gr.Request,
         progress=gr.Progress(),  # noqa: B008
     ):
         # Hand Gradio the running generator at once: Stop closes the generator Gradio holds, and Gradio holds it
@@ -240,13 +350,22 @@ def build_demo(
                 scheduler,
                 progress,
                 face_analysis_dir=face_dir if model_editable else face_analysis_dir,
+                session=getattr(request, "session_hash", None),
+                max_upload_mb=max_upload_mb,
+                max_seconds=max_seconds,
+                c2pa_signer=c2pa_signer,
             )
+        except JobStopped:
+            return
         except EMOInputError as error:
             raise gr.Error(_user_paths(str(error), image, audio), duration=None, print_exception=False) from None
         except Exception as error:  # noqa: BLE001 - shown on the page; the traceback stays in the server log
             logger.exception("generation failed")
             message = _user_paths(f"generation failed: {type(error).__name__}: {error}", image, audio)
             raise gr.Error(message, duration=None, print_exception=False) from None
+
+    def stop_job(request: gr.Request):
+        holder.gate.request_stop(getattr(request, "session_hash", None))
 
     # No usage reports or version checks (calls to Gradio's servers) unless GRADIO_ANALYTICS_ENABLED=True.
     analytics = os.environ.get("GRADIO_ANALYTICS_ENABLED", "False").lower() == "true"
@@ -274,7 +393,9 @@ def build_demo(
                     interactive=model_editable,
                 )
                 with gr.Accordion("Settings", open=False):
-                    steps = gr.Slider(1, 100, value=defaults["steps"], step=1, label="Denoising steps per clip")
+                    steps = gr.Slider(
+                        1, 100, value=defaults["steps"], step=1, label="Denoising steps per clip", elem_id="steps"
+                    )
                     guidance = gr.Slider(0, 10, value=3.5, step=0.1, label="Audio guidance (<= 1: off)")
                     seed = gr.Number(value=0, precision=0, label="Seed")
                     size = gr.Slider(64, 1024, value=defaults["size"], step=64, label="Size (px, square)")
@@ -304,7 +425,9 @@ def build_demo(
             # One job at a time: the one pipeline keeps per-run state (last_plan, clip_index); others queue.
             concurrency_limit=1,
         )
-        stop.click(None, cancels=[event])
+        # Stop: the running job's worker stops within a step (and the next job waits for it); a queued job leaves
+        # the queue.
+        stop.click(stop_job, None, None, cancels=[event], queue=False)
     demo.emo_holder = holder  # for tests and callers that want the loaded pipeline
     demo.emo_workdir = work
     return demo
@@ -342,6 +465,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-preload", action="store_true", help="load the model on the first job, not at start (default: at start)"
     )
     add_speed_arguments(parser)
+    access = parser.add_argument_group("sharing the page")
+    access.add_argument("--auth", metavar="USER:PASSWORD", help="require this login (default: none)")
+    access.add_argument("--auth-file", metavar="FILE", help="require a login from this file, one user:password a line")
+    access.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=DEFAULT_MAX_UPLOAD_MB,
+        help=f"largest upload accepted, MB (default: {DEFAULT_MAX_UPLOAD_MB:g})",
+    )
+    access.add_argument(
+        "--max-seconds",
+        type=float,
+        default=DEFAULT_MAX_SECONDS,
+        help=f"longest audio animated, refused before decoding (default: {DEFAULT_MAX_SECONDS:g})",
+    )
+    add_c2pa_arguments(parser)
     return parser
 
 
@@ -361,7 +500,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up requests
     # Only a page served to this machine alone lets its visitor load another model (any folder of the server).
-    private = args.host in ("127.0.0.1", "localhost", "::1") and not args.share
+    private = is_local_address(args.host) and not args.share
+    try:
+        auth = read_auth(args.auth, args.auth_file)
+        signer = c2pa_signer_from_args(args)
+    except EMOInputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if not private and auth is None:
+        logger.warning(
+            "the page is reachable from other machines (--host %s%s) and has no login: anyone who reaches it can "
+            "use this GPU. Add --auth USER:PASSWORD or --auth-file FILE.",
+            args.host,
+            ", --share" if args.share else "",
+        )
     demo = build_demo(
         args.model,
         args.device,
@@ -369,6 +521,9 @@ def main(argv: list[str] | None = None) -> int:
         model_editable=private,
         face_analysis_dir=args.face_analysis_dir,
         speed=speed,
+        max_upload_mb=args.max_upload_mb,
+        max_seconds=args.max_seconds,
+        c2pa_signer=signer,
     )
     if not args.no_preload:
         try:
@@ -380,7 +535,10 @@ def main(argv: list[str] | None = None) -> int:
         server_name=args.host,
         server_port=args.port,
         share=args.share,
-        allowed_paths=[str(demo.emo_workdir)],
+        allowed_paths=[str(demo.emo_workdir)],  # besides Gradio's own upload cache, only the job folders are served
+        auth=auth,
+        auth_message="emo-app: log in to generate videos" if auth else None,
+        max_file_size=f"{args.max_upload_mb:g}mb",
         show_error=True,
         theme=app_theme(),
     )

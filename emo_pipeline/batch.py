@@ -181,6 +181,7 @@ def run_batch(
     max_audio_seconds: float | None = 3600.0,
     progress: bool = True,
     family_settings: dict[str, Any] | None = None,
+    c2pa_signer: Any = None,
 ) -> BatchSummary:
     """Run `jobs` over all processes of the current launch (accelerate, torchrun, or just this one).
 
@@ -197,6 +198,7 @@ def run_batch(
 
     A model that fails to load in any process ends the whole run: every process raises that `EMOInputError`
     (none is left waiting for the others).
+        c2pa_signer: an `emo_pipeline.provenance.C2PASigner` signing every output's C2PA manifest (None: none).
 
     Returns:
         The `BatchSummary` of all processes (every process gets the same one).
@@ -280,6 +282,7 @@ def run_batch(
                     job.image,
                     job.audio,
                     crf=settings["crf"],
+                    c2pa_signer=c2pa_signer or False,
                     height=size,
                     width=size,
                     fps=settings["fps"],

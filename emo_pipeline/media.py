@@ -9,6 +9,7 @@ nothing at the target path.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import weakref
@@ -152,9 +153,21 @@ def read_video_frames(path: str | os.PathLike[str], indices: Any = None) -> np.n
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _remove_quietly(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
+_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+def _disk_full_error(path: str, error: OSError) -> EMOInputError:
+    """A clear message for a write that failed for lack of space (full disk, quota, file-size limit)."""
+    return EMOInputError(
+        f"cannot write video {path!r}: {error.strerror or error} (the disk is full or a size limit was reached); "
+        "free some space or write elsewhere. Nothing was saved."
+    )
+
+
+def _remove_quietly(*paths: str) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
 
 
 class VideoWriter:
@@ -186,6 +199,10 @@ class VideoWriter:
         crf: x264 constant rate factor (0 lossless .. 51; 18 is visually transparent).
         preset: x264 speed/size preset ("ultrafast" .. "veryslow").
         metadata: container tags, str -> str.
+        c2pa_signer: a `emo_pipeline.provenance.C2PASigner`: on close the file is signed with a C2PA manifest
+            (`c2pa_manifest`, by default `manifest_definition` of the file name) into a second temporary file,
+            which is then renamed onto `path`; a failed signature leaves nothing at `path`.
+        c2pa_manifest: the manifest definition to sign (`emo_pipeline.provenance.manifest_definition`).
     """
 
     def __init__(
@@ -197,6 +214,8 @@ class VideoWriter:
         crf: int = 18,
         preset: str = "medium",
         metadata: dict[str, str] | None = None,
+        c2pa_signer: Any = None,
+        c2pa_manifest: dict | None = None,
     ) -> None:
         self.path = os.path.abspath(os.fspath(path))
         directory, filename = os.path.split(self.path)
@@ -206,6 +225,8 @@ class VideoWriter:
             raise EMOInputError(f"cannot write video {self.path!r}: it is a directory")
         stem, suffix = os.path.splitext(filename)
         self.partial_path = os.path.join(directory, f".{stem}.partial{suffix or '.mp4'}")
+        self.signing_path = os.path.join(directory, f".{stem}.signing{suffix or '.mp4'}")
+        self.c2pa_signer, self.c2pa_manifest = c2pa_signer, c2pa_manifest
         self.fps = _fps_fraction(fps)
         if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate <= 0:
             raise EMOInputError(f"sample_rate must be a positive int (Hz), got {sample_rate!r}")
@@ -228,7 +249,7 @@ class VideoWriter:
         self._audio_samples_sent = 0
         self._closed = False
         # Unclosed writer garbage-collected (or interpreter exit): delete the partial file, never publish it.
-        self._finalizer = weakref.finalize(self, _remove_quietly, self.partial_path)
+        self._finalizer = weakref.finalize(self, _remove_quietly, self.partial_path, self.signing_path)
 
     def _validate_audio(self, audio: np.ndarray | None) -> np.ndarray | None:
         if audio is None:
@@ -346,8 +367,14 @@ class VideoWriter:
         self._audio_samples_sent = end
 
     def _mux(self, packets: Any) -> None:
-        for packet in packets:
-            self._container.mux(packet)
+        try:
+            for packet in packets:
+                self._container.mux(packet)
+        except OSError as error:
+            if error.errno not in _DISK_FULL_ERRNOS:
+                raise
+            self.abort()
+            raise _disk_full_error(self.path, error) from error
 
     # -- finishing -----------------------------------------------------------------------------------------
 
@@ -366,9 +393,22 @@ class VideoWriter:
             self._mux(self._video_stream.encode(None))
             if self._audio_stream is not None:
                 self._mux(self._audio_stream.encode(None))
-            self._container.close()
+            try:
+                self._container.close()
+            except OSError as error:
+                if error.errno not in _DISK_FULL_ERRNOS:
+                    raise
+                raise _disk_full_error(self.path, error) from error
             self._container = None
-            os.replace(self.partial_path, self.path)
+            if self.c2pa_signer is not None:
+                from emo_pipeline.provenance import manifest_definition, sign_mp4
+
+                manifest = self.c2pa_manifest or manifest_definition(os.path.basename(self.path))
+                sign_mp4(self.partial_path, self.signing_path, self.c2pa_signer, manifest)
+                os.replace(self.signing_path, self.path)
+                _remove_quietly(self.partial_path)
+            else:
+                os.replace(self.partial_path, self.path)
         except BaseException:
             self.abort()
             raise
@@ -382,7 +422,7 @@ class VideoWriter:
             with contextlib.suppress(Exception):
                 self._container.close()
             self._container = None
-        _remove_quietly(self.partial_path)
+        _remove_quietly(self.partial_path, self.signing_path)
         self._finalizer.detach()
 
     @property

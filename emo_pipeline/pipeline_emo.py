@@ -497,7 +497,14 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     @takes_generation_settings
     def write_video(
-        self, output_path: str | os.PathLike, image: Any, audio: Any, *, crf: int = 18, settings: GenerationSettings
+        self,
+        output_path: str | os.PathLike,
+        image: Any,
+        audio: Any,
+        *,
+        crf: int = 18,
+        c2pa_signer: Any = None,
+        settings: GenerationSettings,
     ) -> Path:
         """Generate and stream the video into an mp4 (H.264 + AAC, the audio muxed), clip by clip; returns its path.
 
@@ -509,13 +516,25 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         Args:
             output_path: the mp4 to write (its folder must exist).
             crf: x264 constant rate factor (0 lossless .. 51; 18 is visually transparent).
+            c2pa_signer: an `emo_pipeline.provenance.C2PASigner` to sign C2PA content credentials into the mp4
+                (the model, the portrait's and audio's SHA-256); None: the one $EMO_C2PA_CERT/$EMO_C2PA_KEY
+                name, if set; False: never sign.
         """
         from emo_pipeline.media import VideoWriter
+        from emo_pipeline.provenance import ingredient, manifest_definition, model_claim, resolve_c2pa_signer
         from emo_pipeline.watermark import AI_GENERATED_METADATA
 
         if settings.output_type not in ("np", "pt", "pil"):
             raise EMOInputError("write_video needs decoded frames: output_type must be 'np', 'pt' or 'pil'")
-        clips = self._start(image, audio, settings)
+        signer = resolve_c2pa_signer() if c2pa_signer is None else (c2pa_signer or None)
+        clips = self._start(image, audio, settings)  # checks the inputs before they are hashed
+        manifest = None
+        if signer is not None:  # the inputs as given (file bytes), not as decoded
+            manifest = manifest_definition(
+                os.path.basename(os.fspath(output_path)),
+                model=model_claim(getattr(self, "emo_metadata", None)),
+                ingredients=[ingredient(image, "portrait"), ingredient(audio, "audio")],
+            )
         with VideoWriter(
             output_path,
             fps=settings.fps,
@@ -523,6 +542,8 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             sample_rate=SAMPLE_RATE,
             crf=crf,
             metadata=AI_GENERATED_METADATA,
+            c2pa_signer=signer,
+            c2pa_manifest=manifest,
         ) as writer:
             for clip in clips:
                 if isinstance(clip, list):

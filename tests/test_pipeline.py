@@ -501,7 +501,7 @@ def test_callback_must_return_a_dict(pipe):
     [
         ("__call__", ["image", "audio", "return_dict"]),
         ("iter_clips", ["image", "audio"]),
-        ("write_video", ["output_path", "image", "audio", "crf"]),
+        ("write_video", ["output_path", "image", "audio", "crf", "c2pa_signer"]),
     ],
 )
 def test_signature_and_help_show_every_argument_with_its_default(pipe, method, own):
@@ -528,7 +528,7 @@ def test_readme_argument_table_names_every_argument():
     named = set(re.findall(r"`(\w+)`", "\n".join(row.split(" | ")[0] for row in table.splitlines())))
     from emo_pipeline.families import all_families
 
-    arguments = {"image", "audio", "return_dict", "crf", "family_settings"} | {
+    arguments = {"image", "audio", "return_dict", "crf", "family_settings", "c2pa_signer"} | {
         field.name for field in dataclasses.fields(GenerationSettings) if field.metadata.get("keyword", True)
     }
     for family in all_families():  # each family's own settings, in the row that names the family

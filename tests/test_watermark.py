@@ -240,6 +240,64 @@ def test_metadata_tag_round_trip(tmp_path):
         read_ai_metadata(tmp_path / "nowhere.mp4")
 
 
+# --- keys and resynchronisation -------------------------------------------------------------------------------
+
+
+def test_a_deployers_key_is_needed_to_find_its_mark_and_the_default_key_keeps_working(tmp_path, capsys, monkeypatch):
+    frames = smooth_video(128, 128, num_frames=4)
+    secret = embed_watermark(frames, key="deployer secret")
+    assert detect_watermark(secret, key="deployer secret").found
+    assert not detect_watermark(secret).found  # the public key does not see it
+    assert not detect_watermark(secret, key="another secret").found
+    public = embed_watermark(frames)
+    assert detect_watermark(public).found and not detect_watermark(public, key="deployer secret").found
+    monkeypatch.setenv("EMO_WATERMARK_KEY", "deployer secret")  # what a deployment sets once
+    assert detect_watermark(embed_watermark(frames)).found and detect_watermark(secret).found
+    path = write_mp4(tmp_path / "secret.mp4", secret)
+    monkeypatch.delenv("EMO_WATERMARK_KEY")
+    assert main(["detect", path]) == 1 and main(["detect", path, "--key", "deployer secret"]) == 0
+    capsys.readouterr()
+    with pytest.raises(EMOInputError, match="watermark key"):
+        embed_watermark(frames, key="")
+
+
+@pytest.mark.parametrize(
+    ("change", "resync"),
+    [
+        (lambda f: f[:, :, ::-1], "horizontal flip"),
+        (lambda f: np.clip(f.astype(np.int16) + 20, 0, 255).astype(np.uint8), ""),  # every bit flipped: inverted
+        (lambda f: np.clip((f.astype(np.float32) - 128) * 1.2 + 128, 0, 255).round().astype(np.uint8), "gain"),
+        (lambda f: np.stack([cv2.resize(x, (64, 64), interpolation=cv2.INTER_AREA) for x in f]), "rescaled to 128"),
+    ],
+    ids=["flip", "brightness", "contrast", "downscale"],
+)
+def test_resynchronisation_finds_the_mark_after_common_edits(change, resync):
+    marked = embed_watermark(talking_head(128, num_frames=6))
+    result = detect_watermark(change(marked))
+    assert result.found and result.bit_accuracy >= 0.9 and resync in result.resync, result
+    if resync:  # found only by undoing the edit
+        assert not detect_watermark(change(marked), resync=False).found
+    else:  # +20 grey levels move every block onto the other bit's lattice
+        assert result.inverted
+
+
+def test_resynchronisation_undoes_a_centre_crop():
+    marked = embed_watermark(talking_head(256, num_frames=3))
+    cropped = marked[:, 32:-32, 32:-32]  # 25% of each side: 192x192 left, the block grid and payload order lost
+    assert not detect_watermark(cropped, resync=False).found
+    result = detect_watermark(cropped)
+    assert result.found and result.bit_accuracy >= 0.9 and "centre crop of 256x256 undone" in result.resync
+
+
+def test_resynchronisation_keeps_clean_video_unflagged():
+    rng = np.random.default_rng(1)
+    for clip in (talking_head(96, num_frames=3), smooth_video(96, 96, num_frames=2)):
+        for edit in (lambda f: f, lambda f: f[:, :, ::-1], lambda f: np.clip(f * 1.2, 0, 255).astype(np.uint8)):
+            assert not detect_watermark(edit(clip)).found
+    noise = rng.integers(0, 256, size=(3, 96, 96, 3), dtype=np.uint8)
+    assert not detect_watermark(noise).found
+
+
 # --- CLI ----------------------------------------------------------------------------------------------------------
 
 

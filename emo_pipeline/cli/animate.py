@@ -20,6 +20,7 @@ import time
 
 from emo_pipeline.cli._common import DTYPES, SCHEDULER_NAMES, SpeedOptions, add_speed_arguments
 from emo_pipeline.errors import EMOInputError
+from emo_pipeline.provenance import add_c2pa_arguments, c2pa_signer_from_args
 
 __all__ = ["SCHEDULER_NAMES", "build_parser", "main"]
 
@@ -133,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-audio-seconds", type=float, default=3600.0, help="refuse longer audio (default: 3600, one hour)"
     )
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_c2pa_arguments(parser)
     return parser
 
 
@@ -191,6 +193,7 @@ def _run_jobs(args: argparse.Namespace) -> int:
         return 2
     failures = args.failures or os.path.join(os.path.dirname(os.path.abspath(args.jobs)), "failures.jsonl")
     try:
+        signer = c2pa_signer_from_args(args, notice=_is_main_process())
         summary = run_batch(
             jobs,
             _defaults(args),
@@ -203,6 +206,7 @@ def _run_jobs(args: argparse.Namespace) -> int:
             max_audio_seconds=args.max_audio_seconds,
             progress=not args.no_progress,
             family_settings=_hallo_options(args),
+            c2pa_signer=signer,
         )
     except EMOInputError as error:  # the model itself cannot be loaded: no job can run
         print(f"error: {error}", file=sys.stderr)
@@ -225,6 +229,7 @@ def _run_one(args: argparse.Namespace) -> int:
     progress = None
     try:
         speed = SpeedOptions.from_args(args)
+        signer = c2pa_signer_from_args(args)
         preflight(
             args.image,
             args.audio,
@@ -247,6 +252,7 @@ def _run_one(args: argparse.Namespace) -> int:
             args.image,
             args.audio,
             crf=args.crf,
+            c2pa_signer=signer or False,
             height=size,
             width=size,
             fps=args.fps,
