@@ -372,3 +372,22 @@ def test_vocal_separation_is_opt_in_and_runs_at_the_tracks_own_rate(pipe, tmp_pa
     assert calls == []  # opt-in
     pipe(portrait, track, vocal_separation=model, **options)
     assert calls == [(int(rate * seconds), rate, model, 16000)]
+
+
+@pytest.mark.parametrize("mode", ["fast", "parity"])
+def test_the_modes_front_end_encodes_the_track_as_the_mode_says(pipe, monkeypatch, mode) -> None:
+    """Long audio: fast mode's wav2vec2 runs in bounded chunks (flat memory), parity mode over the whole track as
+    Hallo does; the pipeline hands its mode to the audio front end."""
+    from emo_pipeline import hallo_inputs
+
+    modes, original = [], hallo_inputs.iter_hallo_audio_features
+
+    def recording(*args, **kwargs):
+        modes.append(kwargs.get("mode", "parity"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(hallo_inputs, "iter_hallo_audio_features", recording)
+    portrait, _ = demo_assets()
+    options = {"height": SIZE, "width": SIZE, "num_inference_steps": 1, "output_type": "latent", "watermark": False}
+    pipe(portrait, np.zeros(8000, dtype=np.float32), mode=mode, face_embedding=np.zeros(512, np.float32), **options)
+    assert modes == [mode]

@@ -236,6 +236,7 @@ class HalloFamily(Family):
             fps=int(settings.fps),
             clip_length=settings.num_frames_per_clip,
             segment_seconds=own.audio_segment_seconds,
+            mode=own.mode,  # parity: Hallo's whole-track wav2vec2; fast: bounded chunks with context (flat memory)
         )
         pixels = torch.from_numpy(np.asarray(portrait.image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
         return HalloConditioning(
