@@ -60,6 +60,25 @@ def peak_memory(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def weight_bytes(model) -> int:
+    """Bytes the weights really occupy: a torchao quantized tensor counts its inner tensors (int8 data and scales),
+    not its logical float size (what `get_memory_footprint` reports for weights quantized in place)."""
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if hasattr(tensor, "__tensor_flatten__") and type(tensor) not in (torch_tensor_types()):
+            names, _ = tensor.__tensor_flatten__()
+            total += sum(getattr(tensor, name).nbytes for name in names)
+        else:
+            total += tensor.nbytes
+    return total
+
+
+def torch_tensor_types() -> tuple:
+    import torch
+
+    return (torch.Tensor, torch.nn.Parameter)
+
+
 def run_row(spec: dict, args: argparse.Namespace, frames_path: str) -> dict:
     """One row in this process: build the pipeline, apply the switches, time the two videos."""
     import numpy as np
@@ -118,7 +137,7 @@ def run_row(spec: dict, args: argparse.Namespace, frames_path: str) -> dict:
         "warm_seconds_per_frame": round(warm / len(frames), 3),
         "frame_evaluations_per_output_frame": args.steps * (2 if args.guidance else 1),
         "peak_memory_bytes": peak_memory(args.device),
-        "unet_weight_bytes": pipe.unet.get_memory_footprint(),
+        "unet_weight_bytes": weight_bytes(pipe.unet),
     }
 
 

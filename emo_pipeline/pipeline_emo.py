@@ -254,16 +254,12 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         regional: bool = True,
         **compile_kwargs,
     ) -> None:
-        """`torch.compile` the backbone, the ReferenceNet and the VAE's decoder in place (`fullgraph=True`: none has
-        a graph break).
+        """`torch.compile` the backbone, the ReferenceNet and the VAE's decoder in place (`fullgraph=True`).
 
-        `regional=True` (default): diffusers' regional compilation of the two UNets (`compile_repeated_blocks`: each
-        transformer block is compiled, the rest runs eager): a shorter cold start than compiling them whole, and the
-        backbone stays hookable (`step_cache` works with it). `regional=False` compiles each UNet whole. The VAE
-        decoder is always compiled whole. The first clip pays the compilation; later clips and videos of the same size
-        reuse it. `dynamic=False` specialises on the shapes, which stay fixed within a video.
-        `components`: which of "unet", "reference_net", "vae". `mode` (e.g. "max-autotune") and other arguments go to
-        `torch.compile`. Timings: benchmarks/results/compile_sd15_128.json and README ("Speed switches").
+        `regional=True` (default): diffusers' regional compilation of the two UNets (`compile_repeated_blocks`), a
+        shorter cold start, the backbone still hookable (`step_cache`); `regional=False` compiles them whole. The VAE
+        decoder is compiled whole. `components`: which of "unet", "reference_net", "vae"; `dynamic`, `mode` and other
+        arguments go to `torch.compile`. README, "Speed switches"; benchmarks/results/compile_quant_sd15_128.json.
         """
         unknown = set(components) - set(self.COMPILABLE)
         if unknown:

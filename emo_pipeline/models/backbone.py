@@ -282,6 +282,13 @@ class EMOUNet3DConditionModel(EMOAttentionSwitches, CacheMixin, UNetMotionModel)
             return
         super().enable_cache(config)
 
+    def _reset_stateful_cache(self, recurse: bool = True) -> None:
+        """diffusers' reset of stateful cache hooks (the pipeline's `maybe_free_model_hooks`, after every video); a
+        backbone without hooks is left untouched: creating the empty registry would change the module mid-session and
+        make a compiled backbone recompile on the next video."""
+        if getattr(self, "_diffusers_hook", None) is not None:
+            super()._reset_stateful_cache(recurse)
+
     def disable_cache(self) -> None:
         if isinstance(self._cache_config, StepCacheConfig):
             self._step_cache.remove()
