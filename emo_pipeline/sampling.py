@@ -1,13 +1,13 @@
 """The one denoising loop of every weight family (DESIGN section 6; a family: `emo_pipeline.families.base`).
 
-`sample_clips` drives an autoregressive schedule (EMO, Hallo: clips chained by motion frames), `sample_windows` a
-joint context-window schedule (EchoMimic: the whole video's latents, overlapping windows averaged). Both share one
-step core (`_denoise_step`): `scheduler.scale_model_input`, one backbone call with both guidance branches batched
-(the unconditional branch skipped entirely at `guidance_scale <= 1`), the guidance combination, `scheduler.step`
-with the keyword arguments its signature accepts, and the callback contract of `EMOPipeline`:
-`callback_on_step_end(pipe, step, timestep, tensors) -> dict` may return `latents` (and `motion_latents` for a
-clip schedule) to replace them, set `pipe._guidance_scale` (read at every step) or `pipe._interrupt = True` (the
-clip or video in progress is returned as it stands and the loop ends).
+`sample_clips` drives an autoregressive schedule (EMO, Hallo: clips chained by motion frames), `sample_windows` a joint
+context-window schedule (EchoMimic: the whole video's latents, overlapping windows averaged). Both share one step core
+(`_predict`, then `scheduler.step`): `scheduler.scale_model_input`, one backbone call with both guidance branches
+batched (the unconditional branch skipped entirely at `guidance_scale <= 1`), the guidance combination,
+`scheduler.step` with the keyword arguments its signature accepts, and the callback contract of `EMOPipeline`:
+`callback_on_step_end(pipe, step, timestep, tensors) -> dict` may return `latents` (and `motion_latents` for a clip
+schedule) to replace them, set `pipe._guidance_scale` (read at every step) or `pipe._interrupt = True` (the clip or
+video in progress is returned as it stands and the loop ends).
 
 Latents, guidance and the scheduler's update stay in float32 whatever the models' dtype (schedulers do their
 arithmetic in the latents' dtype, and bf16's 8-bit mantissa would round each step's small update away); only the

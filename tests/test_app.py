@@ -304,3 +304,15 @@ def test_in_a_browser_stop_leaves_no_file(browser, app_server):
     page.find_element(By.ID, "stop").click()
     _wait(lambda: not jobs(), 120, "the stopped job's files to be removed", page)
     assert not page.find_elements(By.CSS_SELECTOR, "#download a[href]")  # no video was offered
+
+
+def test_the_face_analysis_field_reaches_the_pipeline(holder, short_speech, tmp_path):
+    """The page's face-analysis folder (Hallo weights) is passed to the pipeline; the demo model (EMO weights)
+    refuses it by name, and an empty field passes nothing. No file is left either way."""
+    args = (holder, tmp_path, str(PORTRAIT), str(short_speech), "", 1, 3.5, 0, 64, 0, "model default")
+    with pytest.raises(EMOInputError, match=r"\['face_analysis_dir'\] apply to Hallo"):
+        next(generate(*args, face_analysis_dir=str(tmp_path / "face_analysis")))
+    job = generate(*args, face_analysis_dir="  ")
+    next(job)
+    job.close()
+    assert list(tmp_path.iterdir()) == []

@@ -118,3 +118,37 @@ def test_overlapping_shifted_windows_run_guided_batches_and_skip_the_uncondition
         assert batches == [(1, 4, 6)] * 4
     finally:
         hook.remove()
+
+
+def test_a_window_family_plugs_into_the_pipeline_and_streams_its_frames(pipe, monkeypatch) -> None:
+    """The seam a window family (EchoMimic) uses: `Family.schedule = "windows"` and `prepare` returning its run; the
+    pipeline runs `sample_windows` once for the whole video, then decodes and yields it clip by clip."""
+    import numpy as np
+    import PIL.Image
+
+    import emo_pipeline.families as families
+    from emo_pipeline.face import PreparedPortrait
+    from emo_pipeline.families.base import Family, Plan
+
+    class WindowFamily(Family):
+        name, label, schedule = "windows-test", "a window family", "windows"
+
+        @classmethod
+        def matches(cls, pipe) -> bool:
+            return True
+
+        def prepare(self, image, audio, settings, precompute):
+            portrait = PreparedPortrait(
+                image=PIL.Image.new("RGB", (64, 64)),
+                face_box=np.zeros(4, np.float32),
+                mask=np.zeros((64, 64), np.float32),
+            )
+            plan = Plan(
+                portrait=portrait, audio=np.zeros(16000 * FRAMES // 25, np.float32), num_frames=FRAMES - 1, num_clips=2
+            )
+            return plan, make_run(self.pipe, lambda step: context_windows(FRAMES, 6, 4, shift=2 * step))
+
+    monkeypatch.setattr(families, "family_of", lambda pipe: WindowFamily(pipe))
+    clips = list(pipe.iter_clips(None, None, num_frames_per_clip=4, num_inference_steps=2, height=64, width=64))
+    assert [len(clip) for clip in clips] == [4, 3]  # the last clip trimmed to the video's frames
+    assert all(np.isfinite(clip).all() for clip in clips)

@@ -19,8 +19,9 @@ face features, no reference tokens, the projection of a zero identity embedding 
   to float16, motion frames decoded and re-encoded, frames decoded one by one, Hallo's DDIM with its seeded generator
   (other samplers are refused), Hallo2's motion-frame pixel mask (`motion_frame_mask_rate`).
 
-At `guidance_scale <= 1` only the conditional branch runs, as in Hallo: its reference is then written with the
-identity tokens for every image (Hallo's single-copy bank), not the guidance batch's alternating copies.
+At `guidance_scale <= 1` only the conditional branch runs: its reference is then written with the identity tokens as
+the attn2 context of every image, one copy for every frame (Hallo's single-copy bank as its code reads at
+`do_classifier_free_guidance=False`; not checked by running Hallo there), not the guidance batch's alternating copies.
 """
 
 from __future__ import annotations
