@@ -367,8 +367,8 @@ def read_content_credentials(
     except c2pa.C2paError as error:
         if "ManifestNotFound" in type(error).__name__ or "ManifestNotFound" in str(error):
             return ContentCredentials("absent")
-        if "NotSupported" in type(error).__name__:
-            raise EMOInputError(f"video {name!r}: its format cannot carry C2PA credentials ({error})") from error
+        if "NotSupported" in type(error).__name__ or "NotSupported" in str(error):
+            return ContentCredentials("absent", failures=[f"this file format cannot carry C2PA credentials ({error})"])
         return ContentCredentials("invalid", failures=[str(error)])
     failures = [
         item.get("code", "?")

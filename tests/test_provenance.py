@@ -210,3 +210,22 @@ def test_the_app_signs_its_videos_naming_the_uploads(signer, short_speech, tmp_p
     credentials = read_content_credentials(kept)
     assert credentials.state == "valid"
     assert {item["title"] for item in credentials.claims["inputs"].values()} == {"portrait.png", "short.wav"}
+
+
+def test_verify_a_format_that_cannot_carry_credentials_still_reports_the_watermark(tmp_path, capsys):
+    import av
+
+    video = tmp_path / "clip.mkv"  # Matroska: no C2PA embedding defined for it here
+    with av.open(str(video), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width = stream.height = 128
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "18"}
+        for pixels in embed_watermark(frames(size=128)):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    assert watermark_main(["verify", str(video)]) == 4
+    text = capsys.readouterr().out
+    assert "content credentials: absent" in text and "cannot carry C2PA" in text and "watermark: found" in text
