@@ -227,7 +227,7 @@ def test_a_bad_release_folder_exits_2_naming_the_file_and_writes_nothing(
 
 def test_hallo_and_sd15_sources_are_exclusive(tmp_path, capsys) -> None:
     assert convert(["--hallo", str(tmp_path), "--sd15", "x", "--output", str(tmp_path / "o")]) == 2
-    assert "either --hallo DIR, or both --sd15 and --wav2vec2" in capsys.readouterr().err
+    assert "pass one of --hallo DIR, --echomimic DIR, or both --sd15 and --wav2vec2" in capsys.readouterr().err
 
 
 def test_a_portrait_and_a_track_go_through_hallos_front_end_into_an_mp4(pipe, converted: Path, tmp_path) -> None:

@@ -12,6 +12,12 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# isort: off
+# emo_pipeline before diffusers: its import guard lets a torchvision whose C++ operators cannot load (the test
+# extra's beside a CPU-only torch) import, which transformers and diffusers' loaders do (emo_pipeline/_torchvision.py).
+import emo_pipeline  # noqa: F401
+
+# isort: on
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
