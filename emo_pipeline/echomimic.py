@@ -21,8 +21,10 @@ from diffusers import DDIMScheduler, SchedulerMixin, UNet2DConditionModel  # noq
 # (diffusers' loader looks the base classes of a saved component up in its module: SchedulerMixin for
 # EchoMimicAccScheduler)
 from emo_pipeline.errors import EMOInputError
+from emo_pipeline.models.animatediff import original_motion_key
 from emo_pipeline.models.attention import ReferenceFeatures
 from emo_pipeline.models.backbone import EMOUNet3DConditionModel
+from emo_pipeline.models.face_locator import controlnet_face_locator_key
 from emo_pipeline.models.reference_net import ReferenceNet
 from emo_pipeline.models.utils import quiet_diffusers
 
@@ -219,28 +221,6 @@ _REFERENCE_UNUSED = re.compile(r"(\.transformer_blocks\.\d+\.(attn2|norm2)\.|^co
 _BACKBONE_NOT_IN_ECHOMIMIC = ("speed_encoder.", ".speed_norms.", ".speed_attentions.")
 
 
-def _motion_key(key: str) -> str:
-    """Original AnimateDiff temporal key (EchoMimic's motion_module.py) -> diffusers'."""
-    return (
-        key.replace(".norms.0", ".norm1")
-        .replace(".norms.1", ".norm2")
-        .replace(".ff_norm", ".norm3")
-        .replace(".attention_blocks.0", ".attn1")
-        .replace(".attention_blocks.1", ".attn2")
-        .replace(".temporal_transformer", "")
-    )
-
-
-def _face_locator_key(key: str) -> str:
-    """EchoMimic's FaceLocator (conv_in, blocks.i, conv_out) -> `FaceLocator(same_width_convs=True)`."""
-    if key.startswith("conv_in."):
-        return "encoder.0." + key.removeprefix("conv_in.")
-    if key.startswith("blocks."):
-        index, rest = key.removeprefix("blocks.").split(".", 1)
-        return f"encoder.{2 * int(index) + 2}.{rest}"
-    return key
-
-
 def identify_checkpoint(state: dict, name: str, expected: str) -> None:
     """An `EMOInputError` naming what `state` looks like when it is not EchoMimic's `expected` file."""
     keys = list(state)
@@ -287,12 +267,12 @@ def convert_echomimic_state_dicts(
                         raise EMOInputError(f"{key} differs from {first}: diffusers keeps one table per block")
                     out["unused"][key] = value
                     continue
-                out["backbone"][_motion_key(block) + ".pos_embed.pe"] = value
+                out["backbone"][original_motion_key(block) + ".pos_embed.pe"] = value
                 continue
-            key = _motion_key(key)
+            key = original_motion_key(key)
         out["backbone"][key] = value
     for key, value in face_locator.items():
-        out["backbone"]["face_locator." + _face_locator_key(key)] = value
+        out["backbone"]["face_locator." + controlnet_face_locator_key(key)] = value
     return out
 
 

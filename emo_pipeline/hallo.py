@@ -38,8 +38,10 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 
 from emo_pipeline.audio import FeatureWindows
 from emo_pipeline.errors import EMOInputError
+from emo_pipeline.models.animatediff import original_motion_key
 from emo_pipeline.models.attention import ReferenceFeatures
 from emo_pipeline.models.backbone import EMOUNet3DConditionModel
+from emo_pipeline.models.face_locator import controlnet_face_locator_key
 from emo_pipeline.models.identity import IdentityProjection
 from emo_pipeline.models.reference_net import ReferenceNet
 from emo_pipeline.models.utils import quiet_diffusers
@@ -104,28 +106,6 @@ def check_hallo_state_dict(state: object, name: str = "checkpoint") -> None:
     )
 
 
-def _motion_key(key: str) -> str:
-    """An original AnimateDiff temporal key (as in Hallo) -> diffusers' (diffusers' own single-file mapping)."""
-    return (
-        key.replace(".norms.0", ".norm1")
-        .replace(".norms.1", ".norm2")
-        .replace(".ff_norm", ".norm3")
-        .replace(".attention_blocks.0", ".attn1")
-        .replace(".attention_blocks.1", ".attn2")
-        .replace(".temporal_transformer", "")
-    )
-
-
-def _face_locator_key(key: str) -> str:
-    """Hallo's FaceLocator (ControlNet conditioning-embedding layout) -> `FaceLocator(same_width_convs=True)`."""
-    if key.startswith("conv_in."):
-        return "encoder.0." + key.removeprefix("conv_in.")
-    if key.startswith("blocks."):
-        index, rest = key.removeprefix("blocks.").split(".", 1)
-        return f"encoder.{2 * int(index) + 2}.{rest}"
-    return key
-
-
 _AUDIO_PROJ_KEYS = {"proj1": "mlp.0", "proj2": "mlp.2", "proj3": "mlp.4", "norm": "norm"}
 
 
@@ -156,12 +136,12 @@ def convert_hallo_state_dict(state: dict[str, torch.Tensor]) -> dict[str, dict[s
                         if first in state and not torch.equal(state[first], value):
                             unplaced.append(key)  # different tables per attention block: diffusers has one
                         continue
-                    out["backbone"][_motion_key(block) + ".pos_embed.pe"] = value
+                    out["backbone"][original_motion_key(block) + ".pos_embed.pe"] = value
                     continue
-                inner = _motion_key(inner)
+                inner = original_motion_key(inner)
             out["backbone"][inner] = value
         elif key.startswith("face_locator."):
-            out["backbone"]["face_locator." + _face_locator_key(key.removeprefix("face_locator."))] = value
+            out["backbone"]["face_locator." + controlnet_face_locator_key(key.removeprefix("face_locator."))] = value
         elif key.startswith("audioproj."):
             module, rest = key.removeprefix("audioproj.").split(".", 1)
             if module not in _AUDIO_PROJ_KEYS:

@@ -18,7 +18,12 @@ from safetensors.torch import load_file
 
 from emo_pipeline.errors import EMOInputError
 
-__all__ = ["infer_motion_adapter_config", "load_motion_adapter", "load_original_motion_state_dict"]
+__all__ = [
+    "infer_motion_adapter_config",
+    "load_motion_adapter",
+    "load_original_motion_state_dict",
+    "original_motion_key",
+]
 
 _PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -102,3 +107,16 @@ def infer_motion_adapter_config(state: dict[str, torch.Tensor]) -> dict:
     if pe is not None:
         config["motion_max_seq_length"] = pe.shape[1]
     return config
+
+
+def original_motion_key(key: str) -> str:
+    """One original AnimateDiff temporal key (as Hallo and EchoMimic store them, relative to a motion module) ->
+    diffusers' (the renames of diffusers' own single-file mapping)."""
+    return (
+        key.replace(".norms.0", ".norm1")
+        .replace(".norms.1", ".norm2")
+        .replace(".ff_norm", ".norm3")
+        .replace(".attention_blocks.0", ".attn1")
+        .replace(".attention_blocks.1", ".attn2")
+        .replace(".temporal_transformer", "")
+    )

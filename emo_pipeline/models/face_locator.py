@@ -53,3 +53,14 @@ class FaceLocator(ModelMixin, ConfigMixin):
         if not mask.is_floating_point():
             mask = mask.float()
         return self.conv_out(self.encoder(mask))
+
+
+def controlnet_face_locator_key(key: str) -> str:
+    """A face locator key in ControlNet's conditioning-embedding layout (`conv_in`, `blocks.i`, `conv_out`: Hallo's
+    and EchoMimic's FaceLocator) -> `FaceLocator(same_width_convs=True)`'s."""
+    if key.startswith("conv_in."):
+        return "encoder.0." + key.removeprefix("conv_in.")
+    if key.startswith("blocks."):
+        index, rest = key.removeprefix("blocks.").split(".", 1)
+        return f"encoder.{2 * int(index) + 2}.{rest}"
+    return key
