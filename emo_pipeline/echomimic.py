@@ -153,8 +153,12 @@ class EchoMimicModels:
 
     @torch.no_grad()
     def face_features(self, face_mask: torch.Tensor) -> torch.Tensor:
-        """`(1, 1, H, W)` face mask in [0, 1] (pose: `(1, 3, H, W)`) -> `(1, C, h, w)` added after conv_in."""
-        return self.backbone.face_locator(face_mask.to(self.backbone.dtype))
+        """`(1, 1, H, W)` face mask in [0, 1] -> `(1, C, h, w)` added after conv_in to every frame; pose variants:
+        `(1, f, 3, H, W)` landmark renders -> `(1, f, C, h, w)`, one per frame."""
+        locator = self.backbone.face_locator
+        if face_mask.ndim == 5:
+            return locator(face_mask.flatten(0, 1).to(self.backbone.dtype)).unflatten(0, face_mask.shape[:2])
+        return locator(face_mask.to(self.backbone.dtype))
 
     def guidance_inputs(self, audio_tokens: torch.Tensor, face_features: torch.Tensor, guided: bool) -> dict:
         """Backbone conditioning of one window: `audio_tokens (f, T, 384)` and `face_features (1, C, h, w)` of the

@@ -27,6 +27,15 @@ def outputs() -> dict[str, torch.Tensor]:
 
 
 @functools.cache
+def pose_golden() -> dict:
+    """tests/goldens/make_echomimic_pose_golden.py's output: driving frames, EchoMimic's landmarks and renders."""
+    import numpy as np
+
+    with np.load(GOLDEN / "pose_golden.npz") as golden:
+        return {name: golden[name] for name in golden.files}
+
+
+@functools.cache
 def release_state_dicts() -> dict[str, dict[str, torch.Tensor]]:
     """`{"reference_unet", "denoising_unet", "face_locator", "vae", "whisper"}` as EchoMimic's files hold them
     (whisper: openai's `{"dims", "model_state_dict"}`)."""
@@ -93,3 +102,41 @@ def golden_call(pipe, run: str, **kwargs):
         **kwargs,
     }
     return pipe(out["portrait_bgr"].numpy()[:, :, ::-1].copy(), out["audio"].numpy(), **args)
+
+
+def write_release(root: Path) -> Path:
+    """EchoMimic's pretrained_weights/ in `root` at the goldens' size, with every variant's files (the pose
+    variants' face locator: the golden's 1-channel one spread over 3 channels)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from emo_pipeline.echomimic import ECHOMIMIC_VARIANTS
+
+    parts = release_state_dicts()
+    denoiser = parts["denoising_unet"]
+    motion = {k: v for k, v in denoiser.items() if "motion_modules" in k}
+    for variant in ECHOMIMIC_VARIANTS.values():
+        torch.save(parts["reference_unet"], root / variant["reference_unet"])
+        # motion module file = the trained values perturbed: denoising_unet.pth must win (EchoMimic's load order)
+        torch.save({k: v + 1.0 for k, v in motion.items()}, root / variant["motion_module"])
+        torch.save(denoiser, root / variant["denoising_unet"])
+        locator = dict(parts["face_locator"])
+        if variant["face_channels"] == 3:
+            locator["conv_in.weight"] = locator["conv_in.weight"].repeat(1, 3, 1, 1) / 3
+        torch.save(locator, root / variant["face_locator"])
+    base = root / "sd-image-variations-diffusers" / "unet"
+    base.mkdir(parents=True)
+    shutil.copy(GOLDEN / "unet_config.json", base / "config.json")
+    save_file(
+        {k: v.contiguous() for k, v in parts["reference_unet"].items()},
+        str(base / "diffusion_pytorch_model.safetensors"),
+    )
+    _, vae = golden_models()
+    vae.save_pretrained(root / "sd-vae-ft-mse")
+    (root / "audio_processor").mkdir()
+    whisper = parts["whisper"]
+    decoder = {"decoder.token_embedding.weight": torch.zeros(8, 384)}
+    checkpoint = {"dims": whisper["dims"], "model_state_dict": {**whisper["model_state_dict"], **decoder}}
+    torch.save(checkpoint, root / "audio_processor" / "whisper_tiny.pt")
+    return root

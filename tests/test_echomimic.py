@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 from echomimic_goldens import (
-    GOLDEN,
     golden_call,
     golden_models,
     golden_pipeline,
     metadata,
     outputs,
+    pose_golden,
     release_state_dicts,
+    write_release,
 )
-from safetensors.torch import save_file
 
 from emo_pipeline.echomimic import ECHOMIMIC_VARIANTS, reference_latents
 from emo_pipeline.echomimic_conversion import load_echomimic_pipeline
@@ -151,34 +151,7 @@ def test_cfg_at_most_one_sums_windows_only_in_plain_parity_mode():
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
     """EchoMimic's pretrained_weights/ at the goldens' size, with every variant's files."""
-    root = tmp_path_factory.mktemp("pretrained_weights")
-    parts = release_state_dicts()
-    denoiser = parts["denoising_unet"]
-    motion = {k: v for k, v in denoiser.items() if "motion_modules" in k}
-    for variant in ECHOMIMIC_VARIANTS.values():
-        torch.save(parts["reference_unet"], root / variant["reference_unet"])
-        # motion module file = the trained values perturbed: denoising_unet.pth must win (EchoMimic's load order)
-        torch.save({k: v + 1.0 for k, v in motion.items()}, root / variant["motion_module"])
-        torch.save(denoiser, root / variant["denoising_unet"])
-        locator = dict(parts["face_locator"])
-        if variant["face_channels"] == 3:
-            locator["conv_in.weight"] = locator["conv_in.weight"].repeat(1, 3, 1, 1) / 3
-        torch.save(locator, root / variant["face_locator"])
-    base = root / "sd-image-variations-diffusers" / "unet"
-    base.mkdir(parents=True)
-    shutil.copy(GOLDEN / "unet_config.json", base / "config.json")
-    save_file(
-        {k: v.contiguous() for k, v in parts["reference_unet"].items()},
-        str(base / "diffusion_pytorch_model.safetensors"),
-    )
-    _, vae = golden_models()
-    vae.save_pretrained(root / "sd-vae-ft-mse")
-    (root / "audio_processor").mkdir()
-    whisper = parts["whisper"]
-    decoder = {"decoder.token_embedding.weight": torch.zeros(8, 384)}
-    checkpoint = {"dims": whisper["dims"], "model_state_dict": {**whisper["model_state_dict"], **decoder}}
-    torch.save(checkpoint, root / "audio_processor" / "whisper_tiny.pt")
-    return root
+    return write_release(tmp_path_factory.mktemp("pretrained_weights"))
 
 
 def test_emo_convert_echomimic_gives_a_pipeline_close_to_echomimic(release, tmp_path):
@@ -207,8 +180,8 @@ def test_every_variant_converts(release, variant):
     channels = ECHOMIMIC_VARIANTS[variant]["face_channels"]
     assert pipe.unet.face_locator.config.in_channels == channels
     assert pipe.emo_metadata["variant"] == variant and pipe.emo_metadata["license"] == "apache-2.0"
-    if channels == 3:  # generation from landmark renders (pose_video=) is not there yet: refused with a message
-        with pytest.raises(EMOInputError, match="pose"):
+    if channels == 3:  # the pose variants need their driving video (tests below generate with one)
+        with pytest.raises(EMOInputError, match="pass pose_video="):
             golden_call(pipe, "acc")
 
 
@@ -265,6 +238,143 @@ def test_other_families_settings_are_refused():
     pipe.set_scheduler("dpm++")
     with pytest.raises(EMOInputError, match="parity"):
         golden_call(pipe, "audio", mode="parity")
+
+
+# ------------------------------------------------------------------------------------------- pose variants
+
+
+def _write_pose_video(path, frames, fps=12):
+    from emo_pipeline.media import VideoWriter
+
+    with VideoWriter(path, fps=fps) as writer:
+        writer.write(np.stack(frames))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def pose_video(tmp_path_factory):
+    """The pose golden's 3 driving faces cycled: 18 frames at 12 fps (1.5 s, longer than the golden's 1.3 s track);
+    output frame i at 24 fps takes pose frame i // 2."""
+    frames = pose_golden()["frames"]
+    return _write_pose_video(tmp_path_factory.mktemp("pose") / "pose.mp4", [frames[i % 3] for i in range(18)])
+
+
+@pytest.fixture(scope="module")
+def pose_pipe(release):
+    pipe = load_echomimic_pipeline(release, "pose")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _pose_call(pipe, run="audio", **kwargs):
+    """12 frames (the first 20 whisper steps), 2 steps, latents."""
+    features = outputs()["whisper_feature"][:20]
+    options = {"num_inference_steps": 2, "output_type": "latent", "whisper_features": features, **kwargs}
+    return golden_call(pipe, run, **options).frames
+
+
+def test_pose_variant_generates_from_each_frames_landmarks(pose_pipe, pose_video):
+    """pose (CFG 2.5): each step the face locator sees the renders of its window's frames, output frame i taking pose
+    frame i // 2 (12 fps under 24 fps), the window shifted by 3 frames per step as in EchoMimic's pose pipelines;
+    parity mode differs from fast mode only by EchoMimic's fp16 reference bank."""
+    from emo_pipeline.echomimic_pose import frame_landmarks, render_poses
+    from emo_pipeline.media import read_video_frames
+
+    seen = []
+    hook = pose_pipe.unet.face_locator.register_forward_hook(lambda module, args, out: seen.append(args[0].clone()))
+    try:
+        latents = _pose_call(pose_pipe, pose_video=pose_video)
+    finally:
+        hook.remove()
+    assert latents.shape == (1, 4, 12, 12, 12) and torch.isfinite(latents).all()
+    landmarks = np.stack(frame_landmarks(read_video_frames(pose_video, [i // 2 for i in range(12)])))
+    renders = render_poses(landmarks, 96, 96)
+    assert renders.amax() > 0 and len(seen) == 2  # 2 steps x 1 window
+    torch.testing.assert_close(seen[0], renders, atol=0, rtol=0)
+    torch.testing.assert_close(seen[1], renders[[(i + 3) % 12 for i in range(12)]], atol=0, rtol=0)
+    parity = _pose_call(pose_pipe, pose_video=pose_video, mode="parity")
+    assert 0 < (parity - latents).abs().max() < 1e-4
+
+
+def test_offloading_pose_weights_gives_the_plain_latents(release, pose_pipe, pose_video):
+    """Under offload hooks the per-frame renders go into the backbone's forward raw (encoded and zeroed for the
+    uncond row there): the same latents."""
+    expected = _pose_call(pose_pipe, pose_video=pose_video, num_inference_steps=1)
+    pipe = load_echomimic_pipeline(release, "pose")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.enable_model_cpu_offload(device="cpu")
+    latents = _pose_call(pipe, pose_video=pose_video, num_inference_steps=1)
+    torch.testing.assert_close(latents, expected, atol=1e-4, rtol=0)
+
+
+def test_pose_acc_converts_and_emo_animate_writes_a_video(release, pose_video, tmp_path, capsys):
+    """emo-convert --variant pose_acc, then emo-animate --pose-video: the whole track's frames in the mp4."""
+    import cv2
+
+    from emo_pipeline.cli.animate import main as animate
+    from emo_pipeline.cli.convert import main as convert
+    from emo_pipeline.media import read_video_info
+
+    model = tmp_path / "echomimic-pose-acc"
+    assert convert(["--echomimic", str(release), "--variant", "pose_acc", "--output", str(model)]) == 0
+    image, audio = tmp_path / "portrait.png", tmp_path / "speech.wav"
+    cv2.imwrite(str(image), outputs()["portrait_bgr"].numpy())
+    _write_wav(audio, outputs()["audio"].numpy())
+    box = ",".join(str(v) for v in metadata()["face_box"])
+    args = ["--model", str(model), "--image", str(image), "--audio", str(audio), "--height", "96", "--steps", "1"]
+    args += ["--face-box", box, "--no-progress", "--no-watermark", "--fps", "24"]
+    output = tmp_path / "out.mp4"
+    assert animate([*args, "--pose-video", pose_video, "--output", str(output)]) == 0
+    frames = read_video_info(output).num_frames
+    assert frames == echomimic_frame_count(whisper_features(outputs()["audio"].numpy(), _whisper()).shape[0], 24)
+    # a pose video shorter than the track: exit 2, named, nothing written
+    short = _write_pose_video(tmp_path / "short.mp4", list(pose_golden()["frames"][:2]))
+    output = tmp_path / "short_out.mp4"
+    capsys.readouterr()
+    assert animate([*args, "--pose-video", short, "--output", str(output)]) == 2
+    error = capsys.readouterr().err
+    assert "pose_video" in error and "is shorter than the audio" in error
+    assert not output.exists()
+
+
+def _write_wav(path, samples, rate=16000):
+    import wave
+
+    with wave.open(str(path), "wb") as file:
+        file.setnchannels(1)
+        file.setsampwidth(2)
+        file.setframerate(rate)
+        file.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+
+
+def _whisper():
+    return convert_whisper_checkpoint(release_state_dicts()["whisper"])
+
+
+def test_bad_pose_inputs_are_named(pose_pipe, pose_video, tmp_path):
+    from emo_pipeline.testing import tiny_emo_pipeline
+
+    frames = pose_golden()["frames"]
+    grey = np.full_like(frames[0], 90)
+    cases = {
+        "does not exist": str(tmp_path / "missing.mp4"),
+        "pose_video: video file": str(tmp_path / "text.mp4"),
+        "no face found in any of its 6 frames": _write_pose_video(tmp_path / "grey.mp4", [grey] * 6),
+        r"no face found in 2 of its 6 frames used: frames 1 \(0.08 s\), 4 \(0.33 s\)": _write_pose_video(
+            tmp_path / "gaps.mp4", [frames[0], grey, frames[1], frames[2], grey, frames[0]]
+        ),
+        r"shorter than the audio: it has 4 frames at 12 fps \(0.33 s\), the video needs 12 frames": _write_pose_video(
+            tmp_path / "short.mp4", [frames[0]] * 4
+        ),
+    }
+    (tmp_path / "text.mp4").write_text("not a video")
+    for message, path in cases.items():
+        with pytest.raises(EMOInputError, match=message):
+            _pose_call(pose_pipe, pose_video=path)
+    with pytest.raises(EMOInputError, match="pose_video= drives EchoMimic's pose variants only"):
+        _short_call(golden_pipeline(), pose_video=pose_video)
+    with pytest.raises(EMOInputError, match=r"\['pose_video'\] apply to EchoMimic weights only"):
+        tiny_emo_pipeline()("portrait.png", "speech.wav", pose_video=pose_video)
 
 
 # ------------------------------------------------------------------------------------ what the loop guarantees

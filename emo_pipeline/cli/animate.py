@@ -127,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep only the vocals before wav2vec2, with this audio-separator model file (Hallo: "
         "pretrained_models/audio_separator/Kim_Vocal_2.onnx; separated at the track's own rate); default: off",
     )
+    echomimic = parser.add_argument_group("EchoMimic models (converted with emo-convert --echomimic)")
+    echomimic.add_argument(
+        "--pose-video",
+        metavar="PATH",
+        help="the pose variants' driving video (--variant pose|pose_acc): its face's landmarks drive each frame; it "
+        "must cover the whole track with a face in every frame (one video only)",
+    )
     out = parser.add_argument_group("output file")
     out.add_argument("--crf", type=int, default=18, help="H.264 quality, lower is better (default: 18, ~lossless)")
     out.add_argument("--no-watermark", action="store_true", help="do not embed the invisible watermark (please don't)")
@@ -230,6 +237,8 @@ def _run_one(args: argparse.Namespace) -> int:
     try:
         speed = SpeedOptions.from_args(args)
         signer = c2pa_signer_from_args(args)
+        if args.pose_video is not None and not os.path.isfile(args.pose_video):
+            raise EMOInputError(f"--pose-video {args.pose_video}: no such file")
         preflight(
             args.image,
             args.audio,
@@ -267,6 +276,7 @@ def _run_one(args: argparse.Namespace) -> int:
             callback_on_step_end=progress,
             **clip_lengths(args.frames_per_clip, args.motion_frames),
             **_hallo_options(args),
+            **({"pose_video": args.pose_video} if args.pose_video is not None else {}),
         )
     except EMOInputError as error:
         if progress is not None:
@@ -298,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--jobs takes the inputs from the job file; drop {' '.join(given)}")
         if args.face_box:
             parser.error("--face-box is per image; it cannot apply to a whole job file")
+        if args.pose_video:
+            parser.error("--pose-video drives one video; it cannot apply to a whole job file")
         if args.face_embedding:
             parser.error(
                 "--face-embedding is one portrait's identity; it cannot apply to a whole job file (give "

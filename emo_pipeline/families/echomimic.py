@@ -19,6 +19,7 @@ output bias, x 3), zero face features, self-attention without the reference toke
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -63,12 +64,17 @@ class EchoMimicSettings:
         context_overlap: frames shared by consecutive windows (EchoMimic: 3, so windows start every 9 frames).
         whisper_features: precomputed `(N, layers, 384)` whisper features at 50 Hz (`whisper_features`) in place of
             the track's (the video's length still follows them).
+        pose_video: the pose variants' (`--variant pose|pose_acc`) driving video, a path: its face's mediapipe
+            landmarks, one pose-video frame per output frame (resampled by time when its frame rate differs), rendered
+            as EchoMimic renders them into the 3-channel face locator (`emo_pipeline.echomimic_pose`). It must cover
+            the whole track and show a face in every frame used. Refused by the audio and acc variants.
     """
 
     mode: str = "fast"
     context_frames: int = 12
     context_overlap: int = 3
     whisper_features: torch.Tensor | None = None
+    pose_video: Any = None
 
 
 def echomimic_context_windows(num_frames: int, context_frames: int = 12, context_overlap: int = 3) -> list[list[int]]:
@@ -122,11 +128,20 @@ class EchoMimicFamily(Family):
                     f"mode='parity' is EchoMimic's own DDIM loop: the scheduler {type(self.pipe.scheduler).__name__} "
                     "cannot be used in it; use mode='fast' (every sampler) or pipe.set_scheduler('ddim')"
                 )
-        if self.pipe.unet.face_locator.config.in_channels != 1:
+        pose = self.pipe.unet.face_locator.config.in_channels == 3
+        if pose and own.pose_video is None:
             raise EMOInputError(
                 "this pipeline holds EchoMimic's pose weights (a 3-channel face locator fed with per-frame landmark "
-                "renders): generating with them (pose_video=) is not implemented yet; convert --variant audio or acc"
+                "renders): pass pose_video= (emo-animate --pose-video), a video of the driving face at least as long "
+                "as the audio"
             )
+        if not pose and own.pose_video is not None:
+            raise EMOInputError(
+                "pose_video= drives EchoMimic's pose variants only; this pipeline holds its audio-driven weights (a "
+                "1-channel face locator): drop pose_video, or convert --variant pose or pose_acc"
+            )
+        if pose and isinstance(own.pose_video, (str, os.PathLike)) and not os.path.isfile(own.pose_video):
+            raise EMOInputError(f"pose_video {os.fspath(own.pose_video)!r} does not exist or is not a file")
         if self.pipe.audio_encoder is None and own.whisper_features is None:
             raise EMOInputError("this pipeline has no whisper encoder (audio_encoder): pass whisper_features=")
 
@@ -162,19 +177,31 @@ class EchoMimicFamily(Family):
         elif features.ndim != 3 or features.shape[-1] != 384:
             raise EMOInputError(f"whisper_features must be (N, layers, 384), got {tuple(features.shape)}")
         num_frames = echomimic_frame_count(features.shape[0], settings.fps)
+        pose = None
+        if own.pose_video is not None:
+            from emo_pipeline.echomimic_pose import pose_video_landmarks
+
+            pose = pose_video_landmarks(own.pose_video, num_frames, settings.fps).landmarks
         portrait = PreparedPortrait(
             image=PIL.Image.fromarray(crop), face_box=np.asarray(box, dtype=np.float32), mask=mask / 255.0
         )
         plan = Plan(portrait=portrait, audio=samples, num_frames=num_frames, num_clips=1)
-        return plan, _EchoMimicRun(self.pipe, crop, mask, features, num_frames, settings, own, precompute)
+        return plan, _EchoMimicRun(self.pipe, crop, mask, features, num_frames, settings, own, precompute, pose)
 
 
 class _EchoMimicRun:
-    """EchoMimic's joint context-window schedule (`emo_pipeline.families.base.WindowRun`)."""
+    """EchoMimic's joint context-window schedule (`emo_pipeline.families.base.WindowRun`).
 
-    def __init__(self, pipe, crop, mask, features, num_frames, settings, own: EchoMimicSettings, precompute: bool):
+    Pose variants (`pose`: `(num_frames, 478, 2)` landmarks): the face locator sees each frame's landmark render,
+    computed per window (nothing per frame is held beyond the landmarks); as EchoMimic's pose pipelines, the windows
+    shift by 3 frames per step (2 in the audio pipelines) and the initial noise is not clamped.
+    """
+
+    def __init__(self, pipe, crop, mask, features, num_frames, settings, own, precompute: bool, pose=None):
         self.pipe, self.fps, self.precompute = pipe, settings.fps, precompute
         self.parity = own.mode == "parity"
+        self.pose, self.size = pose, (settings.width, settings.height)
+        self.shift = 2 if pose is None else 3  # pipeline_echo_mimic.py: t_i * 2; pipeline_echo_mimic_pose*.py: t_i * 3
         device, dtype = pipe._execution_device, pipe.unet.dtype
         self.models = models = EchoMimicModels(pipe.reference_net, pipe.unet)
         if not self.parity:
@@ -184,26 +211,40 @@ class _EchoMimicRun:
         if precompute and not self.parity:
             self.reference = pipe.unet.prepare_reference(self.reference)  # keys/values once per video
         self.mask = torch.from_numpy(mask).float()[None, None].div(255.0).to(device, dtype)
-        self.face = models.face_features(self.mask) if precompute else None
+        self.face = models.face_features(self.mask) if precompute and pose is None else None
         self.features = features.to(device, dtype)
         self.windows_base = echomimic_context_windows(num_frames, own.context_frames, own.context_overlap)
         h, w = latents.shape[-2:]
         self.latent_shape = (1, 4, num_frames, h, w)
         self.latent_dtype = torch.float32
-        # EchoMimic's plain pipeline at CFG <= 1 sums overlapping predictions (its acc pipeline divides)
-        self.sum_unguided = self.parity and not isinstance(pipe.scheduler, EchoMimicAccScheduler)
+        # EchoMimic's plain pipeline at CFG <= 1 sums overlapping predictions (its acc pipeline divides; its plain
+        # pose pipeline cannot run there: its reference bank is doubled for guidance whatever the scale)
+        self.sum_unguided = self.parity and pose is None and not isinstance(pipe.scheduler, EchoMimicAccScheduler)
 
     def transform_noise(self, noise: torch.Tensor) -> torch.Tensor:
-        """EchoMimic clamps the unit noise to +-1.5 before scaling by `init_noise_sigma`."""
+        """EchoMimic clamps the unit noise to +-1.5 before scaling by `init_noise_sigma` (not its pose pipelines)."""
+        if self.pose is not None:
+            return noise
         sigma = self.pipe.scheduler.init_noise_sigma
         return (noise / sigma).clamp(-1.5, 1.5) * sigma
+
+    def _pose_masks(self, frames: list[int]) -> torch.Tensor:
+        """`(1, f, 3, H, W)` landmark renders of the window's frames in [0, 1]."""
+        from emo_pipeline.echomimic_pose import render_poses
+
+        renders = render_poses(self.pose[frames], *self.size)
+        return renders[None].to(self.features.device, self.pipe.unet.dtype)
 
     def _inputs(self, frames: list[int]) -> BranchInputs:
         tokens = whisper_frame_tokens(self.features, frames, self.fps)  # (f, 10 * layers, 384)
         reference, device = self.reference, self.features.device
+        face, mask = self.face, self.mask
+        if self.pose is not None:
+            mask = self._pose_masks(frames)
+            face = self.models.face_features(mask) if self.precompute else None
 
         def guided() -> dict:
-            inputs = self.models.guidance_inputs(tokens, self.face, True) if self.precompute else self._raw(tokens, 2)
+            inputs = self.models.guidance_inputs(tokens, face, True) if self.precompute else self._raw(tokens, mask, 2)
             return {
                 **inputs,
                 "reference_features": reference,
@@ -211,16 +252,18 @@ class _EchoMimicRun:
             }
 
         def conditional() -> dict:
-            inputs = self.models.guidance_inputs(tokens, self.face, False) if self.precompute else self._raw(tokens, 1)
+            inputs = (
+                self.models.guidance_inputs(tokens, face, False) if self.precompute else self._raw(tokens, mask, 1)
+            )
             return {**inputs, "reference_features": reference}
 
         return BranchInputs(guided=guided, conditional=conditional)
 
-    def _raw(self, tokens: torch.Tensor, rows: int) -> dict:
+    def _raw(self, tokens: torch.Tensor, mask: torch.Tensor, rows: int) -> dict:
         """Under offload hooks: the raw inputs, encoded (and zeroed for the uncond row) inside the forward."""
         layers = tokens.shape[1] // 10
         features = tokens.reshape(1, tokens.shape[0], 10, layers, tokens.shape[-1]).expand(rows, -1, -1, -1, -1)
-        inputs = {"audio_features": features, "face_mask": self.mask}
+        inputs = {"audio_features": features, "face_mask": mask}
         if rows == 2:
             inputs["unconditional_rows"] = torch.tensor([True, False], device=tokens.device)
         return inputs
@@ -228,7 +271,7 @@ class _EchoMimicRun:
     def windows(self, step: int, timestep: torch.Tensor) -> Iterator[Window]:
         frames_total = self.latent_shape[2]
         for window in self.windows_base:
-            frames = [(c + 2 * step) % frames_total for c in window]  # EchoMimic: (c + t_i * 2) % video_length
+            frames = [(c + self.shift * step) % frames_total for c in window]  # EchoMimic: (c + t_i * 2) % length
             yield Window(frames=frames, inputs=self._inputs(frames))
 
     def combine(self, noise: torch.Tensor, count: torch.Tensor, guided: bool) -> torch.Tensor:

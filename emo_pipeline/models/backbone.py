@@ -332,16 +332,22 @@ class EMOUNet3DConditionModel(EMOAttentionSwitches, CacheMixin, UNetMotionModel)
         speed: torch.Tensor | None = None,
         dtype: torch.dtype | None = None,
     ) -> dict[str, torch.Tensor | None]:
-        """Audio tokens `(B*F, T, C)`, face-locator features `(B, C, h, w)` and speed embeddings `(B, F, l)`.
+        """Audio tokens `(B*F, T, C)`, face-locator features `(B, C, h, w)` (per-frame masks `(B, F, C_in, H, W)`:
+        `(B, F, C, h, w)`) and speed embeddings `(B, F, l)`.
 
         They depend on the clip's inputs only, not on the noisy sample or the step: a sampler computes them once per
         clip and passes them to `forward` as `audio_tokens=`, `face_features=`, `speed_embeddings=`.
         `dtype`: the compute dtype (default: the model's).
         """
         dtype = dtype or self.dtype
+        face_features = None
+        if face_mask is not None and face_mask.ndim == 5:  # one mask per frame (B, F, C, H, W): EchoMimic's pose
+            face_features = self.face_locator(face_mask.flatten(0, 1).to(dtype)).unflatten(0, face_mask.shape[:2])
+        elif face_mask is not None:
+            face_features = self.face_locator(face_mask.to(dtype))
         return {
             "audio_tokens": self.audio_proj(audio_features.to(dtype)),
-            "face_features": self.face_locator(face_mask.to(dtype)) if face_mask is not None else None,
+            "face_features": face_features,
             "speed_embeddings": self.speed_encoder(speed.to(dtype)) if speed is not None else None,
         }
 
@@ -372,7 +378,8 @@ class EMOUNet3DConditionModel(EMOAttentionSwitches, CacheMixin, UNetMotionModel)
             audio_features: `(B, F, 2m+1, L, D)` windowed wav2vec2 features; zeros mean "no audio".
             reference_features: from the ReferenceNet: reference tokens (`spatial`, or their projections in
                 `key_value` from `prepare_reference`) and/or the motion frames' features (`temporal`, n frames).
-            face_mask: `(B, 1, H, W)` in [0, 1] at pixel resolution (H = h * the face locator's factor).
+            face_mask: `(B, 1, H, W)` in [0, 1] at pixel resolution (H = h * the face locator's factor), the same for
+                every frame; or `(B, F, C_in, H, W)`, one per frame (EchoMimic's pose variants: landmark renders).
             speed: `(B, F)` head rotation speed in rad/s.
             audio_tokens, face_features, speed_embeddings: the same three already encoded (`encode_conditioning`),
                 in place of `audio_features`, `face_mask`, `speed`.
@@ -486,7 +493,16 @@ class EMOUNet3DConditionModel(EMOAttentionSwitches, CacheMixin, UNetMotionModel)
             raise EMOInputError(f"timestep must be a scalar or have shape ({batch},), got {tuple(timestep.shape)}")
         if speed is not None and (speed.ndim != 2 or speed.shape[1] != frames or batch % speed.shape[0]):
             raise EMOInputError(f"speed must have shape (B, F) = {(batch, frames)} rad/s, got {tuple(speed.shape)}")
-        if face_mask is not None:
+        if face_mask is not None and face_mask.ndim == 5:  # per frame
+            factor = self.face_locator.downscale_factor
+            channels = self.face_locator.config.in_channels
+            expected_mask = (batch, frames, channels, height * factor, width * factor)
+            if tuple(face_mask.shape[1:]) != expected_mask[1:] or batch % face_mask.shape[0]:
+                raise EMOInputError(
+                    f"a per-frame face_mask must have shape (B, F, {channels}, H, W) = {expected_mask}, got "
+                    f"{tuple(face_mask.shape)}"
+                )
+        elif face_mask is not None:
             factor = self.face_locator.downscale_factor
             channels = self.face_locator.config.in_channels  # 1 (EMO's mask); 3 (Hallo's face region image)
             expected_mask = (batch, channels, height * factor, width * factor)
@@ -510,7 +526,8 @@ class EMOUNet3DConditionModel(EMOAttentionSwitches, CacheMixin, UNetMotionModel)
 
 
 class FaceFeaturesHook:
-    """conv_in forward hook: add the face locator's features `(B, C, h, w)` to every frame of the clip."""
+    """conv_in forward hook: add the face locator's features `(B, C, h, w)` to every frame of the clip (per-frame
+    features `(B, F, C, h, w)`: each to its frame)."""
 
     def __init__(self, state: ConditioningState):
         self.state = state
@@ -521,6 +538,8 @@ class FaceFeaturesHook:
             return None
         face = broadcast_batch(state.face_features.to(output.dtype), output.shape[0] // state.num_frames, "face_mask")
         state.mark("conv_in")
+        if face.ndim == 5:
+            return output + face.flatten(0, 1)
         return output + face.repeat_interleave(state.num_frames, dim=0)
 
 
