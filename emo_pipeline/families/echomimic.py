@@ -68,6 +68,9 @@ class EchoMimicSettings:
             landmarks, one pose-video frame per output frame (resampled by time when its frame rate differs), rendered
             as EchoMimic renders them into the 3-channel face locator (`emo_pipeline.echomimic_pose`). It must cover
             the whole track and show a face in every frame used. Refused by the audio and acc variants.
+        pose_landmarks: in place of `pose_video`, the landmarks themselves: `(N, >= 478, 2 or 3)` x, y normalised to
+            the driving frame's centre square, row i for output frame i (N >= the video's frames). EchoMimic's
+            `.pkl` pose files hold them in 512-pixel units: stack them and divide by 512.
     """
 
     mode: str = "fast"
@@ -75,6 +78,7 @@ class EchoMimicSettings:
     context_overlap: int = 3
     whisper_features: torch.Tensor | None = None
     pose_video: Any = None
+    pose_landmarks: Any = None
 
 
 def echomimic_context_windows(num_frames: int, context_frames: int = 12, context_overlap: int = 3) -> list[list[int]]:
@@ -129,16 +133,19 @@ class EchoMimicFamily(Family):
                     "cannot be used in it; use mode='fast' (every sampler) or pipe.set_scheduler('ddim')"
                 )
         pose = self.pipe.unet.face_locator.config.in_channels == 3
-        if pose and own.pose_video is None:
+        if own.pose_video is not None and own.pose_landmarks is not None:
+            raise EMOInputError("pass pose_video or pose_landmarks, not both")
+        given = "pose_video" if own.pose_landmarks is None else "pose_landmarks"
+        if pose and own.pose_video is None and own.pose_landmarks is None:
             raise EMOInputError(
                 "this pipeline holds EchoMimic's pose weights (a 3-channel face locator fed with per-frame landmark "
                 "renders): pass pose_video= (emo-animate --pose-video), a video of the driving face at least as long "
                 "as the audio"
             )
-        if not pose and own.pose_video is not None:
+        if not pose and (own.pose_video is not None or own.pose_landmarks is not None):
             raise EMOInputError(
-                "pose_video= drives EchoMimic's pose variants only; this pipeline holds its audio-driven weights (a "
-                "1-channel face locator): drop pose_video, or convert --variant pose or pose_acc"
+                f"{given}= drives EchoMimic's pose variants only; this pipeline holds its audio-driven weights (a "
+                f"1-channel face locator): drop {given}, or convert --variant pose or pose_acc"
             )
         if pose and isinstance(own.pose_video, (str, os.PathLike)) and not os.path.isfile(own.pose_video):
             raise EMOInputError(f"pose_video {os.fspath(own.pose_video)!r} does not exist or is not a file")
@@ -182,6 +189,14 @@ class EchoMimicFamily(Family):
             from emo_pipeline.echomimic_pose import pose_video_landmarks
 
             pose = pose_video_landmarks(own.pose_video, num_frames, settings.fps).landmarks
+        elif own.pose_landmarks is not None:
+            pose = np.asarray(own.pose_landmarks, dtype=np.float32)
+            if pose.ndim != 3 or pose.shape[1] < 478 or pose.shape[2] not in (2, 3) or len(pose) < num_frames:
+                raise EMOInputError(
+                    f"pose_landmarks must be (N >= {num_frames} frames, >= 478, 2 or 3) normalised x, y, got "
+                    f"{pose.shape}"
+                )
+            pose = pose[:num_frames, :, :2]
         portrait = PreparedPortrait(
             image=PIL.Image.fromarray(crop), face_box=np.asarray(box, dtype=np.float32), mask=mask / 255.0
         )

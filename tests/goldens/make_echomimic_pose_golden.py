@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import sys
 from pathlib import Path
 
@@ -69,6 +70,9 @@ def _own_function(path: Path, name: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--echomimic-src", required=True, help="a checkout of github.com/antgroup/echomimic")
+    parser.add_argument(
+        "--pipelines", action="store_true", help="also run EchoMimic's pose pipelines (pose_pipelines.safetensors)"
+    )
     args = parser.parse_args()
     sys.path.insert(0, str(Path(args.echomimic_src).resolve()))
     from src.utils.draw_utils import FaceMeshVisualizer
@@ -107,6 +111,129 @@ def main() -> None:
         edge_render_512=render((512, 512), edge),
     )
     print(f"wrote {OUTPUT} ({OUTPUT.stat().st_size / 1024:.0f} KB)")
+    if args.pipelines:
+        run_pose_pipelines(Path(args.echomimic_src).resolve(), landmarks, visualizer)
+
+
+def run_pose_pipelines(src: Path, landmarks: np.ndarray, visualizer) -> None:
+    """EchoMimic's own pose pipelines (pipeline_echo_mimic_pose.py at CFG 2.5, 5 steps; pipeline_echo_mimic_pose_acc
+    .py at CFG 1.0, 6 steps) with the audio goldens' tiny networks and inputs (make_echomimic_goldens.py: weights
+    regenerated from its recorded seed, its cropped portrait and track); the pose face locator = the golden's
+    1-channel one with its first conv spread over 3 channels (`conv_in.weight.repeat(1, 3, 1, 1) / 3`, as
+    tests/echomimic_goldens.py `write_release` builds the pose files). Pose renders: output frame i draws the
+    extractor's landmarks of driving frame i % 3, `draw_landmarks((96, 96), lmks[:, :2], normed=True)` (the pose
+    scripts' `.pkl` landmarks are in 512-pixel units divided by (W, H), i.e. normalised only at 512), stacked as
+    infer_audio2vid_pose.py:186-195 stacks them. Shim 1 of make_echomimic_goldens.py (guidance mask on the CPU)."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler
+    from omegaconf import OmegaConf
+    from PIL import Image
+    from safetensors.torch import load_file, save_file
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import make_echomimic_goldens as audio_goldens
+    import src.models.mutual_self_attention as msa
+    from echomimic_weights import random_state_dict
+    from src.models.face_locator import FaceLocator
+    from src.models.unet_2d_condition import UNet2DConditionModel
+    from src.models.unet_3d_echo import EchoUNet3DConditionModel
+    from src.models.whisper.audio2feature import Audio2Feature
+    from src.models.whisper.whisper.model import ModelDimensions, Whisper
+    from src.pipelines.pipeline_echo_mimic_pose import AudioPose2VideoPipeline
+    from src.pipelines.pipeline_echo_mimic_pose_acc import AudioPose2VideoPipeline as AccPosePipeline
+
+    torch.set_num_threads(1)
+    hooks = msa.ReferenceAttentionControl.register_reference_hooks
+    hooks.__defaults__ = tuple(torch.device("cpu") if isinstance(d, torch.device) else d for d in hooks.__defaults__)
+    golden = OUTPUT.parent
+    meta = json.loads((golden / "metadata.json").read_text())
+    state = random_state_dict(meta["weight_spec"], meta["weight_seed"])
+    state.update(load_file(str(golden / "buffers.safetensors")))
+    part = lambda prefix: {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}  # noqa: E731
+    inputs = load_file(str(golden / "outputs.safetensors"))
+    infer_config = OmegaConf.load(src / "configs/inference/inference_v2.yaml")
+    config = audio_goldens.TINY_UNET_CONFIG
+    base = golden / "tmp_pose_base" / "unet"
+    base.mkdir(parents=True, exist_ok=True)
+    (base / "config.json").write_text(json.dumps(config))
+    save_file(UNet2DConditionModel.from_config(config).state_dict(), str(base / "diffusion_pytorch_model.safetensors"))
+    reference_unet = UNet2DConditionModel.from_config(config)
+    reference_unet.load_state_dict(part("reference_unet."))
+    denoising_unet = EchoUNet3DConditionModel.from_pretrained_2d(
+        str(base.parent),
+        "",
+        subfolder="unet",
+        unet_additional_kwargs=OmegaConf.to_container(infer_config.unet_additional_kwargs),
+    )
+    denoising_unet.load_state_dict(part("denoising_unet."))
+    locator_state = part("face_locator.")
+    locator_state["conv_in.weight"] = locator_state["conv_in.weight"].repeat(1, 3, 1, 1) / 3
+    face_locator = FaceLocator(
+        config["block_out_channels"][0],
+        conditioning_channels=3,
+        block_out_channels=audio_goldens.FACE_LOCATOR_CHANNELS,
+    )
+    face_locator.load_state_dict(locator_state)
+    vae = AutoencoderKL.from_config(audio_goldens.TINY_VAE_CONFIG)
+    vae.load_state_dict(part("vae."))
+    whisper = Whisper(ModelDimensions(**audio_goldens.TINY_WHISPER_DIMS))
+    whisper.encoder.load_state_dict(part("whisper.encoder."))
+    for model in (reference_unet, denoising_unet, face_locator, vae, whisper):
+        model.eval()
+    audio_guider = Audio2Feature.__new__(Audio2Feature)
+    audio_guider.whisper_model_type, audio_guider.model = "tiny", whisper
+    audio = inputs["audio"].numpy()
+    frames = audio_guider.feature2chunks(feature_array=audio_guider.audio2feat(audio), fps=audio_goldens.FPS).shape[0]
+    size = audio_goldens.SIZE
+    pose_list = []
+    for index in range(frames):  # infer_audio2vid_pose.py:186-195
+        tgt_musk = visualizer.draw_landmarks((size, size), landmarks[index % len(landmarks), :, :2], normed=True)
+        tgt_musk_pil = Image.fromarray(np.array(tgt_musk).astype(np.uint8)).convert("RGB")
+        pose_list.append(torch.Tensor(np.array(tgt_musk_pil)).permute(2, 0, 1) / 255.0)
+    face_mask_tensor = torch.stack(pose_list, dim=1).unsqueeze(0)
+    ref_image_pil = Image.fromarray(inputs["face_img_bgr"].numpy()[:, :, [2, 1, 0]])
+    tensors = {}
+    for run, (cls, steps, cfg) in {
+        "pose": (AudioPose2VideoPipeline, 5, 2.5),
+        "pose_acc": (AccPosePipeline, 6, 1.0),
+    }.items():
+        pipe = cls(
+            vae=vae,
+            reference_unet=reference_unet,
+            denoising_unet=denoising_unet,
+            audio_guider=audio_guider,
+            face_locator=face_locator,
+            scheduler=DDIMScheduler(**OmegaConf.to_container(infer_config.noise_scheduler_kwargs)),
+        )
+        decode, final = pipe.decode_latents, []
+        pipe.decode_latents = lambda latents, decode=decode, final=final: (
+            final.append(latents.clone()) or decode(latents)
+        )
+        with torch.no_grad():
+            video = pipe(
+                ref_image_pil,
+                audio,
+                face_mask_tensor,
+                size,
+                size,
+                1200,
+                steps,
+                cfg,
+                generator=torch.manual_seed(audio_goldens.SEED),
+                audio_sample_rate=16000,
+                context_frames=audio_goldens.CONTEXT_FRAMES,
+                fps=audio_goldens.FPS,
+                context_overlap=audio_goldens.CONTEXT_OVERLAP,
+            ).videos
+        tensors[f"{run}/latents"] = final[0].contiguous()  # (1, 4, F, h, w): every frame's final latents
+        if run == "pose":  # one decoded frame (the VAE's own parity is in the audio goldens)
+            tensors[f"{run}/frame16"] = video[0, :, 16].contiguous()
+        print(run, tuple(video.shape), flush=True)
+    save_file(tensors, str(golden / "pose_pipelines.safetensors"))
+    import shutil
+
+    shutil.rmtree(golden / "tmp_pose_base")
+    print("wrote", golden / "pose_pipelines.safetensors")
 
 
 if __name__ == "__main__":
