@@ -159,30 +159,31 @@ class _FaceMesh:
     `cv2.resize` to 512 x 512 (bilinear) -> `(478, 2)` float32 normalised landmarks of one face, or None."""
 
     def __enter__(self) -> _FaceMesh:
+        import contextlib
+
         import mediapipe as mp
 
         from emo_pipeline._native_log import quiet_native_logs
 
-        with quiet_native_logs():
-            self.mesh = mp.solutions.face_mesh.FaceMesh(
+        # the graph's worker threads print their start-up lines during the first frames, after `process` returns:
+        # keep descriptor 2 captured for the whole extraction (lines that are not that noise are replayed)
+        self.stack = contextlib.ExitStack()
+        self.stack.enter_context(quiet_native_logs())
+        self.mesh = self.stack.enter_context(
+            mp.solutions.face_mesh.FaceMesh(
                 static_image_mode=True, max_num_faces=1, refine_landmarks=True, min_detection_confidence=0.5
             )
-        self.quiet, self.seen_face = quiet_native_logs, False  # start-up lines come until the first face
+        )
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.mesh.close()
+        self.stack.close()
 
     def __call__(self, frame: np.ndarray) -> np.ndarray | None:
         import cv2
 
         square = cv2.resize(np.ascontiguousarray(_centre_square(frame)), (POSE_CANVAS, POSE_CANVAS))
-        if self.seen_face:
-            result = self.mesh.process(square)
-        else:
-            with self.quiet():
-                result = self.mesh.process(square)
-        self.seen_face = self.seen_face or bool(result.multi_face_landmarks)
+        result = self.mesh.process(square)
         if not result.multi_face_landmarks:
             return None
         return np.array([(m.x, m.y) for m in result.multi_face_landmarks[0].landmark], dtype=np.float32)
