@@ -2,7 +2,8 @@
 
 A job file is CSV (a header row) or JSON Lines (one object per line) with the columns `image`, `audio`, `output`
 and, optionally, per-job settings (`JOB_SETTINGS`: `seed`, `steps`, `guidance_scale`, ...; an empty cell takes the
-command line's value). Relative paths are relative to the job file's folder.
+command line's value), and `pose_video` (EchoMimic's pose weights: the job's driving video). Relative paths are
+relative to the job file's folder.
 
     accelerate launch --num_processes 4 -m emo_pipeline.cli.animate --jobs jobs.csv --model path/or/hub-id
     torchrun --nproc_per_node 2 -m emo_pipeline.cli.animate --jobs jobs.csv      # the same with torchrun
@@ -44,6 +45,7 @@ JOB_SETTINGS: dict[str, type] = {
     "crf": int,
 }
 _REQUIRED = ("image", "audio", "output")
+_OPTIONAL_PATHS = ("pose_video",)  # per-job input files (EchoMimic's pose weights: the driving video)
 
 
 @dataclass
@@ -115,16 +117,18 @@ def read_jobs(path: str | os.PathLike, scheduler_names: tuple[str, ...] | None =
     outputs: dict[str, int] = {}
     for number, row in rows:
         where = f"{path}:{number}"
-        unknown = sorted(set(row) - set(_REQUIRED) - set(JOB_SETTINGS))
+        unknown = sorted(set(row) - set(_REQUIRED) - set(_OPTIONAL_PATHS) - set(JOB_SETTINGS))
         if unknown:
-            raise EMOInputError(
-                f"{where}: unknown column(s) {', '.join(unknown)}; known: {', '.join((*_REQUIRED, *JOB_SETTINGS))}"
-            )
+            known = ", ".join((*_REQUIRED, *_OPTIONAL_PATHS, *JOB_SETTINGS))
+            raise EMOInputError(f"{where}: unknown column(s) {', '.join(unknown)}; known: {known}")
         for name in _REQUIRED:
             if name not in row:
                 raise EMOInputError(f"{where}: no {name} given")
         paths = {name: str((source.parent / os.path.expanduser(str(row[name]))).absolute()) for name in _REQUIRED}
         settings = {name: _convert(row[name], JOB_SETTINGS[name], name, where) for name in JOB_SETTINGS if name in row}
+        for name in _OPTIONAL_PATHS:
+            if name in row:
+                settings[name] = str((source.parent / os.path.expanduser(str(row[name]))).absolute())
         if scheduler_names is not None and settings.get("scheduler", scheduler_names[0]) not in scheduler_names:
             raise EMOInputError(f"{where}: scheduler must be one of {', '.join(scheduler_names)}")
         if paths["output"] in outputs:
@@ -296,6 +300,7 @@ def run_batch(
                     callback_on_step_end=bar,
                     **clip_lengths(settings.get("frames_per_clip"), settings.get("motion_frames")),
                     **(family_settings or {}),
+                    **({"pose_video": settings["pose_video"]} if "pose_video" in settings else {}),
                 )
             except EMOInputError as error:
                 bar.close()

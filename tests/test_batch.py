@@ -154,6 +154,21 @@ def test_family_options_reach_every_job_or_are_refused(job_folder, tmp_path, cap
     assert exit_info.value.code == 2 and "--face-embedding is one portrait's identity" in capsys.readouterr().err
 
 
+def test_a_pose_video_column_reaches_its_job(job_folder, tmp_path, capsys):
+    """`pose_video` (EchoMimic's pose weights) is a per-job path, relative to the job file; the demo model (EMO
+    weights) refuses it in that job, naming it, instead of ignoring it."""
+    jobs = tmp_path / "jobs.csv"
+    jobs.write_text(
+        f"image,audio,output,pose_video\n{job_folder / 'portrait.png'},{job_folder / 'short.wav'},"
+        f"{tmp_path / 'a.mp4'},driver.mp4\n"
+    )
+    (job,) = read_jobs(jobs)
+    assert job.settings == {"pose_video": str(tmp_path / "driver.mp4")}
+    assert animate.main(["--jobs", str(jobs), "--steps", "1", "--no-progress"]) == 1
+    assert "['pose_video'] apply to EchoMimic weights only" in capsys.readouterr().err
+    assert not (tmp_path / "a.mp4").exists()
+
+
 @pytest.mark.slow
 def test_a_model_that_fails_to_load_in_one_process_ends_every_process_with_the_error(job_folder, tmp_path):
     """Rank 0 has a good job and loads the model (which fails); rank 1's only job fails its input check, so it never

@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--pose-video",
         metavar="PATH",
         help="the pose variants' driving video (--variant pose|pose_acc): its face's landmarks drive each frame; it "
-        "must cover the whole track with a face in every frame (one video only)",
+        "must cover the whole track with a face in every frame (one video; job files: a pose_video column)",
     )
     out = parser.add_argument_group("output file")
     out.add_argument("--crf", type=int, default=18, help="H.264 quality, lower is better (default: 18, ~lossless)")
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.face_box:
             parser.error("--face-box is per image; it cannot apply to a whole job file")
         if args.pose_video:
-            parser.error("--pose-video drives one video; it cannot apply to a whole job file")
+            parser.error("--pose-video drives one video; give each job its own in a pose_video column")
         if args.face_embedding:
             parser.error(
                 "--face-embedding is one portrait's identity; it cannot apply to a whole job file (give "
