@@ -88,6 +88,9 @@ def test_jobs_and_single_video_options_do_not_mix(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         animate.main(["--jobs", str(tmp_path / "jobs.csv"), "--image", str(PORTRAIT)])
     assert exit_info.value.code == 2 and "drop --image" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        animate.main(["--jobs", str(tmp_path / "jobs.csv"), "--pose-video", "driver.mp4"])
+    assert exit_info.value.code == 2 and "a pose_video column" in capsys.readouterr().err
 
 
 def video_frames(path):

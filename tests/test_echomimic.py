@@ -399,6 +399,10 @@ def test_bad_pose_inputs_are_named(pose_pipe, pose_video, tmp_path):
     for message, path in cases.items():
         with pytest.raises(EMOInputError, match=message):
             _pose_call(pose_pipe, pose_video=path)
+    with pytest.raises(EMOInputError, match=r"pose_landmarks must be \(N >= 12 frames, >= 478, 2 or 3\)"):
+        _pose_call(pose_pipe, pose_landmarks=np.zeros((11, 478, 2)))
+    with pytest.raises(EMOInputError, match="pass pose_video or pose_landmarks, not both"):
+        _pose_call(pose_pipe, pose_video=pose_video, pose_landmarks=np.zeros((12, 478, 2)))
     with pytest.raises(EMOInputError, match="pose_video= drives EchoMimic's pose variants only"):
         _short_call(golden_pipeline(), pose_video=pose_video)
     with pytest.raises(EMOInputError, match=r"\['pose_video'\] apply to EchoMimic weights only"):
