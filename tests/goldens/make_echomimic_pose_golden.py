@@ -17,15 +17,24 @@ Recorded (``tests/goldens/echomimic/pose_golden.npz``, compressed):
 * ``edge_landmarks`` / ``edge_render_512``: landmarks moved partly off the canvas and to its borders (the skipped
   points and the clipped pupil squares).
 
+With ``--pipelines`` also ``tests/goldens/echomimic/pose_pipelines.safetensors``: EchoMimic's own pose pipelines
+(``AudioPose2VideoPipeline`` of pipeline_echo_mimic_pose.py at CFG 2.5, 5 steps, and of
+pipeline_echo_mimic_pose_acc.py at CFG 1.0, 6 steps) on make_echomimic_goldens.py's tiny random networks and inputs
+(``run_pose_pipelines``): every frame's final latents (``pose/latents``, ``pose_acc/latents``, ``(1, 4, 33, 12,
+12)``, taken at ``decode_latents``) and one decoded frame (``pose/frame16``).
+
 Usage (EchoMimic's venv, see make_echomimic_goldens.py; plus mediapipe, as EchoMimic's requirements.txt)::
 
     /work/venvs/echomimic/bin/pip install --no-deps mediapipe==0.10.21
     /work/venvs/echomimic/bin/pip install absl-py attrs flatbuffers "protobuf<5" matplotlib
-    /work/venvs/echomimic/bin/python tests/goldens/make_echomimic_pose_golden.py --echomimic-src /tmp/echomimic
+    /work/venvs/echomimic/bin/python tests/goldens/make_echomimic_pose_golden.py --echomimic-src /tmp/echomimic \
+        --pipelines
 
 Shims: ``img_utils.py`` imports IPython and imageio_ffmpeg (not installed), so its ``center_crop_cv2`` is executed
 verbatim from the file's source with ``ast``; ``mp_utils`` and ``draw_utils`` import as released
-(opencv-python-headless stands in for the opencv-contrib-python that mediapipe's wheel asks for: the same cv2).
+(opencv-python-headless stands in for the opencv-contrib-python that mediapipe's wheel asks for: the same cv2);
+the pipelines need make_echomimic_goldens.py's shim 1 (the guidance row mask on the CPU) and nothing else. Ran with
+EchoMimic snapshot a53e970, diffusers 0.24.0, torch 2.13.0 CPU, fp32, 1 thread: about 20 s.
 """
 
 from __future__ import annotations
