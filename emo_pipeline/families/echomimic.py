@@ -8,7 +8,9 @@ else in fast mode mediapipe's largest face) -> the crop (box grown by
 normalised over the track, encoded in 30 s segments), 10 steps per frame. Schedule: joint context windows over the
 whole video (12 frames every 9, wrapping, shifted by 2 frames per step, overlaps averaged). Reference: the portrait
 through the ReferenceNet (no attn2) once per video. Unconditional branch: zero audio tokens (attn2 still adds its
-output bias, x 3), zero face features, self-attention without the reference tokens. Modes (`EchoMimicSettings.mode`):
+output bias, x 3), zero face features, self-attention without the reference tokens. Pose variants (`pose_video=`,
+`emo_pipeline.echomimic_pose`): per-frame landmark renders into the 3-channel face locator, drawn per window; windows
+shifted by 3 frames per step; no noise clamp (EchoMimic's pose pipelines). Modes (`EchoMimicSettings.mode`):
 
 * "fast" (default): reference keys/values projected once per video, conditioning built once per window, guidance
   batched, overlapping predictions always averaged, no fp16 rounding of the reference bank; any scheduler.
