@@ -231,7 +231,9 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         network) is raised, not hidden (see `emo_pipeline.hub.read_metadata`).
         """
         from emo_pipeline.hub import read_metadata
+        from emo_pipeline.quantization import check_quantization_config
 
+        check_quantization_config(kwargs.get("quantization_config"))  # bitsandbytes without a GPU: refused up front
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         hub_kwargs = ("revision", "cache_dir", "token", "local_files_only")
         pipe.emo_metadata = read_metadata(
