@@ -4,6 +4,8 @@
     python benchmarks/gpu_check.py --tiny --device cpu              # CPU smoke: tiny pipeline, a few steps
     python benchmarks/gpu_check.py --device cpu --size 128 --frames 4 --steps 2 --rows fp32 fp32-regional \\
         fp32-whole --out benchmarks/results/compile_sd15_128.json    # the CPU compile bench (README)
+    python benchmarks/gpu_check.py --device cpu --size 128 --frames 4 --steps 2 --clips 1 --threads 2 \\
+        --timeout 480 --rows fp32-whole --out benchmarks/results/compile_whole_sd15_128.json   # whole-model row
 
 Rows (`--rows`, default: all that apply): precision (fp32 reference, fp16, bf16), each attention backend that can
 run here (diffusers' registry, checked with its own requirement check), regional and whole-model compilation,
@@ -217,6 +219,7 @@ def main() -> None:
                 row["error"] = (done.stderr.strip().splitlines() or ["no output"])[-1][:500]
         except subprocess.TimeoutExpired:
             row["error"] = f"did not finish in {args.timeout:g} s"
+        row["loadavg_after_row"] = [round(x, 2) for x in os.getloadavg()]  # rows of one file may see other loads
         result["rows"][name] = row
         print(name, json.dumps(row), flush=True)
         result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
