@@ -95,13 +95,16 @@ def test_step_cache_on_a_regionally_compiled_backbone():
     assert np.abs(pipe(IMAGE, AUDIO, **settings()).frames - expected).max() < 1e-4
 
 
-def attention_spy(pipe) -> list:
-    """Counts the spatial attention layers actually computed (their `to_q` runs only then)."""
+def attention_spy(pipe) -> tuple[list, list]:
+    """Counts the spatial attention layers actually computed (their `to_q` runs only then); returns the count list and
+    the hook handles."""
     computed = []
-    for name, module in pipe.unet.named_modules():
-        if name.endswith(("attn1.to_q", "attn2.to_q")):
-            module.register_forward_hook(lambda *_: computed.append(1))
-    return computed
+    handles = [
+        module.register_forward_hook(lambda *_: computed.append(1))
+        for name, module in pipe.unet.named_modules()
+        if name.endswith(("attn1.to_q", "attn2.to_q"))
+    ]
+    return computed, handles
 
 
 def test_every_clip_starts_a_new_cache_trajectory(pipe):
@@ -127,7 +130,7 @@ def test_every_clip_starts_a_new_cache_trajectory(pipe):
 def test_taylorseer_on_emos_attention_layers_skips_computation_and_stays_close(pipe):
     """TaylorSeer (diffusers' own default identifiers name a DiT's blocks: refused below) with EMO's identifiers:
     after its warm-up step, every second step predicts the attention outputs instead of computing them."""
-    computed = attention_spy(pipe)
+    computed, handles = attention_spy(pipe)
     uncached = pipe(IMAGE, AUDIO, **settings(num_inference_steps=6)).frames
     full = len(computed)
     computed.clear()
@@ -140,6 +143,8 @@ def test_taylorseer_on_emos_attention_layers_skips_computation_and_stays_close(p
         frames = pipe(IMAGE, AUDIO, **settings(num_inference_steps=6)).frames
     finally:
         pipe.unet.disable_cache()
+        for handle in handles:
+            handle.remove()
     assert 0 < len(computed) < 0.9 * full  # measured 336 of 408 layer calls (2 clips x 6 steps)
     difference = np.abs(frames - uncached)
     assert 0 < difference.max() < 0.05  # measured 0.004 max, 0.0003 mean on [0, 1] frames
