@@ -47,8 +47,10 @@ def all_rows(device: str) -> dict[str, dict]:
     rows[f"{half}-step-cache-2-regional"] = {"dtype": half, "step_cache": 2, "compile": "regional"}
     rows[f"{half}-int8"] = {"dtype": half, "quantize": "int8"}
     rows[f"{half}-fp8"] = {"dtype": half, "quantize": "fp8"}
+    rows[f"{half}-bnb-8bit"] = {"dtype": half, "quantize": "bnb-8bit"}  # GPU: diffusers' bitsandbytes loader
+    rows[f"{half}-bnb-4bit"] = {"dtype": half, "quantize": "bnb-4bit"}  # refuses a CPU (README, Speed switches)
     if device == "cpu":
-        rows = {name: row for name, row in rows.items() if "fp16" not in name and "fp8" not in name}
+        rows = {name: row for name, row in rows.items() if not any(k in name for k in ("fp16", "fp8", "bnb"))}
     return rows
 
 
@@ -95,12 +97,17 @@ def run_row(spec: dict, args: argparse.Namespace, frames_path: str) -> dict:
     pipe = tiny_emo_pipeline() if args.tiny else sd15_shaped_pipeline()
     dtype = getattr(torch, DTYPES[spec.get("dtype", "fp32")])
     pipe.to(dtype=dtype)
-    if speed.quantize:
+    if speed.quantize and not speed.quantize.startswith("bnb"):
         from emo_pipeline.cli._common import _quantize_in_place
 
         _quantize_in_place(pipe, speed.quantize)
     compile_mode, speed.compile = speed.compile, "off"
     pipe = speed.apply(pipe, args.device)
+    if speed.quantize and speed.quantize.startswith("bnb"):  # the loader's layers, quantized on the device
+        from emo_pipeline.quantization import replace_linear_with_bitsandbytes
+
+        for model in (pipe.unet, pipe.reference_net):
+            replace_linear_with_bitsandbytes(model, speed.quantize)
     if compile_mode != "off":
         pipe.compile(
             regional=compile_mode == "regional",

@@ -102,9 +102,9 @@ def quantization_config(name: str, components: tuple[str, ...] = COMPONENTS) -> 
 
 def replace_linear_with_bitsandbytes(model: torch.nn.Module, recipe: str) -> torch.nn.Module:
     """Swap every `nn.Linear` of `model` for bitsandbytes' layer of `recipe` ("bnb-8bit": `Linear8bitLt`, LLM.int8
-    without outliers kept in fp16; "bnb-4bit": `Linear4bit` NF4, fp32 compute), the weights quantized on `model`'s
-    device: the layers diffusers' loader builds on a GPU, here on any device bitsandbytes supports (its CPU backend
-    included). In place; returns `model`."""
+    without outliers kept in fp16; "bnb-4bit": `Linear4bit` NF4 computing in the weights' dtype), the weights quantized
+    on `model`'s device: the layers diffusers' loader builds on a GPU, here on any device bitsandbytes supports (its
+    CPU backend included). In place; returns `model`."""
     import bitsandbytes as bnb
 
     for module in list(model.modules()):
@@ -116,7 +116,7 @@ def replace_linear_with_bitsandbytes(model: torch.nn.Module, recipe: str) -> tor
                 layer = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias, has_fp16_weights=False)
             elif recipe == "bnb-4bit":
                 layer = bnb.nn.Linear4bit(
-                    child.in_features, child.out_features, bias, compute_dtype=torch.float32, quant_type="nf4"
+                    child.in_features, child.out_features, bias, compute_dtype=child.weight.dtype, quant_type="nf4"
                 )
             else:
                 raise EMOInputError(f"recipe must be 'bnb-8bit' or 'bnb-4bit', got {recipe!r}")
