@@ -80,6 +80,21 @@ def test_bitsandbytes_without_a_gpu_is_refused_up_front_naming_the_cpu_recipe(fo
         EMOPipeline.from_pretrained(folder, quantization_config=config)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_emo_animate_quantize_bnb_without_a_gpu_exits_2_before_loading(folder, tmp_path, capsys):
+    from emo_pipeline.cli import animate
+    from emo_pipeline.testing import demo_assets
+
+    portrait, speech_file = demo_assets()
+    output = tmp_path / "out.mp4"
+    code = animate.main(
+        ["--image", str(portrait), "--audio", str(speech_file), "--output", str(output), "--model", str(folder),
+         "--quantize", "bnb-4bit", "--no-progress"]
+    )  # fmt: skip
+    assert code == 2 and not output.exists()
+    assert "loads only onto a GPU" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("recipe", ["bnb-8bit", "bnb-4bit"])
 @torch.no_grad()
 def test_bitsandbytes_layers_run_in_emos_networks_and_stay_unfused(folder, recipe):
