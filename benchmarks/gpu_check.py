@@ -4,6 +4,8 @@
     python benchmarks/gpu_check.py --tiny --device cpu              # CPU smoke: tiny pipeline, a few steps
     python benchmarks/gpu_check.py --device cpu --size 128 --frames 4 --steps 2 --rows fp32 fp32-regional \\
         fp32-whole --out benchmarks/results/compile_sd15_128.json    # the CPU compile bench (README)
+    python benchmarks/gpu_check.py --device cpu --size 128 --frames 4 --steps 2 --clips 1 --threads 2 \\
+        --timeout 480 --rows fp32-whole --out benchmarks/results/compile_whole_sd15_128.json   # whole-model row
 
 Rows (`--rows`, default: all that apply): precision (fp32 reference, fp16, bf16), each attention backend that can
 run here (diffusers' registry, checked with its own requirement check), regional and whole-model compilation,
@@ -45,8 +47,10 @@ def all_rows(device: str) -> dict[str, dict]:
     rows[f"{half}-step-cache-2-regional"] = {"dtype": half, "step_cache": 2, "compile": "regional"}
     rows[f"{half}-int8"] = {"dtype": half, "quantize": "int8"}
     rows[f"{half}-fp8"] = {"dtype": half, "quantize": "fp8"}
+    rows[f"{half}-bnb-8bit"] = {"dtype": half, "quantize": "bnb-8bit"}  # GPU: diffusers' bitsandbytes loader
+    rows[f"{half}-bnb-4bit"] = {"dtype": half, "quantize": "bnb-4bit"}  # refuses a CPU (README, Speed switches)
     if device == "cpu":
-        rows = {name: row for name, row in rows.items() if "fp16" not in name and "fp8" not in name}
+        rows = {name: row for name, row in rows.items() if not any(k in name for k in ("fp16", "fp8", "bnb"))}
     return rows
 
 
@@ -93,12 +97,17 @@ def run_row(spec: dict, args: argparse.Namespace, frames_path: str) -> dict:
     pipe = tiny_emo_pipeline() if args.tiny else sd15_shaped_pipeline()
     dtype = getattr(torch, DTYPES[spec.get("dtype", "fp32")])
     pipe.to(dtype=dtype)
-    if speed.quantize:
+    if speed.quantize and not speed.quantize.startswith("bnb"):
         from emo_pipeline.cli._common import _quantize_in_place
 
         _quantize_in_place(pipe, speed.quantize)
     compile_mode, speed.compile = speed.compile, "off"
     pipe = speed.apply(pipe, args.device)
+    if speed.quantize and speed.quantize.startswith("bnb"):  # the loader's layers, quantized on the device
+        from emo_pipeline.quantization import replace_linear_with_bitsandbytes
+
+        for model in (pipe.unet, pipe.reference_net):
+            replace_linear_with_bitsandbytes(model, speed.quantize)
     if compile_mode != "off":
         pipe.compile(
             regional=compile_mode == "regional",
@@ -217,6 +226,7 @@ def main() -> None:
                 row["error"] = (done.stderr.strip().splitlines() or ["no output"])[-1][:500]
         except subprocess.TimeoutExpired:
             row["error"] = f"did not finish in {args.timeout:g} s"
+        row["loadavg_after_row"] = [round(x, 2) for x in os.getloadavg()]  # rows of one file may see other loads
         result["rows"][name] = row
         print(name, json.dumps(row), flush=True)
         result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]

@@ -37,9 +37,10 @@ from diffusers import (
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.utils import BaseOutput
-from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
+from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model, WhisperFeatureExtractor
 
 from emo_pipeline.devices import has_offload_hooks
+from emo_pipeline.echomimic_inputs import WhisperAudioEncoder
 from emo_pipeline.errors import EMOInputError
 from emo_pipeline.models.attention import install_emo_processors
 from emo_pipeline.models.backbone import EMOUNet3DConditionModel
@@ -87,7 +88,8 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     """Audio-driven portrait video generation with EMO.
 
     Components: `vae` (frozen SD VAE), `reference_net` (`ReferenceNet`), `unet` (`EMOUNet3DConditionModel`),
-    `audio_encoder` (`Wav2Vec2Model`), `feature_extractor` (`Wav2Vec2FeatureExtractor`), `scheduler` (any diffusers
+    `audio_encoder` (`Wav2Vec2Model`; EchoMimic weights: whisper-tiny's encoder, `WhisperAudioEncoder`),
+    `feature_extractor` (`Wav2Vec2FeatureExtractor`; EchoMimic: `WhisperFeatureExtractor`), `scheduler` (any diffusers
     scheduler with `set_timesteps`/`step`; DDIM by default), and `identity_proj` (`IdentityProjection`, optional:
     only pipelines converted from Hallo / Hallo2 weights have one, see
     `emo_pipeline.hallo_conversion.build_hallo_pipeline`; `pipe.is_hallo` tells).
@@ -122,8 +124,10 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         vae: AutoencoderKL,
         reference_net: ReferenceNet,
         unet: EMOUNet3DConditionModel,
-        audio_encoder: Wav2Vec2Model,
-        feature_extractor: Wav2Vec2FeatureExtractor,
+        # The families' audio encoders (EMO and Hallo: wav2vec2; EchoMimic: whisper-tiny's encoder): diffusers checks
+        # a loaded component against these hints and warns about any other type.
+        audio_encoder: Wav2Vec2Model | WhisperAudioEncoder,
+        feature_extractor: Wav2Vec2FeatureExtractor | WhisperFeatureExtractor,
         scheduler: SchedulerMixin,
         identity_proj: IdentityProjection | None = None,
     ):
@@ -227,7 +231,9 @@ class EMOPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         network) is raised, not hidden (see `emo_pipeline.hub.read_metadata`).
         """
         from emo_pipeline.hub import read_metadata
+        from emo_pipeline.quantization import check_quantization_config
 
+        check_quantization_config(kwargs.get("quantization_config"))  # bitsandbytes without a GPU: refused up front
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         hub_kwargs = ("revision", "cache_dir", "token", "local_files_only")
         pipe.emo_metadata = read_metadata(

@@ -17,6 +17,7 @@ noise in every dtype and on every device, from a generator on any device or a li
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -24,7 +25,9 @@ from typing import Any
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from emo_pipeline.errors import EMOInputError
 from emo_pipeline.families.base import AutoregressiveRun, BranchInputs, Clip, WindowRun
+from emo_pipeline.models.step_cache import StepCacheConfig
 
 __all__ = ["initial_noise", "sample_clips", "sample_windows", "scheduler_step_kwargs"]
 
@@ -49,6 +52,12 @@ def initial_noise(scheduler: Any, shape: tuple[int, ...], generator: Any, device
     return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32) * scheduler.init_noise_sigma
 
 
+def diffusers_cache_enabled(unet: Any) -> bool:
+    """Whether one of diffusers' cache hooks (`unet.enable_cache(config)`, not EMO's step cache) is on the backbone."""
+    config = getattr(unet, "_cache_config", None)
+    return config is not None and not isinstance(config, StepCacheConfig)
+
+
 def _predict(pipe: Any, latents: torch.Tensor, timestep: torch.Tensor, inputs: BranchInputs) -> torch.Tensor:
     """The guided noise prediction for `latents`, in `latents.dtype`: one backbone call, both branches batched
     `[unconditional, conditional]` while `pipe.do_classifier_free_guidance`, else the conditional branch alone."""
@@ -57,7 +66,11 @@ def _predict(pipe: Any, latents: torch.Tensor, timestep: torch.Tensor, inputs: B
     model_input = torch.cat([latents] * 2) if guided else latents
     model_input = pipe.scheduler.scale_model_input(model_input, timestep).to(pipe.unet.dtype)
     kwargs = inputs.get(guided)
-    noise = pipe.unet(model_input, timestep, **kwargs, return_dict=False)[0].to(latents.dtype)
+    # diffusers' stateful cache hooks (TaylorSeer, first-block cache) keep their state per cache context, as in
+    # diffusers' pipelines; both guidance branches are one batch, hence one context
+    cached = diffusers_cache_enabled(pipe.unet)
+    with pipe.unet.cache_context("emo") if cached else contextlib.nullcontext():
+        noise = pipe.unet(model_input, timestep, **kwargs, return_dict=False)[0].to(latents.dtype)
     if not guided:
         return noise
     unconditional, conditional = noise.chunk(2)
@@ -85,6 +98,8 @@ def sample_clips(pipe: Any, run: AutoregressiveRun, settings: Any) -> Iterator[t
             pipe.clip_index = index
             pipe._guidance_scale = settings.guidance_scale  # a callback's change lasts for its clip only
             clip: Clip = run.start_clip(index)
+            if diffusers_cache_enabled(pipe.unet):  # a new trajectory: nothing cached from the previous clip's steps
+                pipe.unet._reset_stateful_cache()
             pipe.scheduler.set_timesteps(steps, device=device)
             pipe._num_timesteps = len(pipe.scheduler.timesteps)
             latents = initial_noise(pipe.scheduler, clip.latent_shape, settings.generator, device)
@@ -116,6 +131,12 @@ def sample_windows(pipe: Any, run: WindowRun, settings: Any) -> torch.Tensor:
     frames. Returns the latents; callbacks get `latents` (the whole video's) and may replace them."""
     device = pipe._execution_device
     callback, tensor_inputs = settings.callback_on_step_end, list(settings.callback_on_step_end_tensor_inputs)
+    if diffusers_cache_enabled(pipe.unet):
+        raise EMOInputError(
+            f"{type(pipe.unet._cache_config).__name__}: diffusers' cache hooks reuse a layer's output from the "
+            "previous step, but this family's joint schedule calls the backbone on several shifting context windows "
+            "per step (a cached output would belong to other frames); pipe.unet.disable_cache() first"
+        )
     step_kwargs = scheduler_step_kwargs(pipe.scheduler, settings.generator, settings.eta)
     pipe._interrupt = False
     pipe.clip_index = 0

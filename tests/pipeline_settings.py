@@ -1,5 +1,8 @@
 """Inputs and settings for fast end-to-end runs of the tiny pipeline, shared by the pipeline-level tests."""
 
+import contextlib
+import logging
+
 import numpy as np
 import torch
 
@@ -27,3 +30,17 @@ def settings(seed: int = 0, **overrides) -> dict:
         "generator": torch.Generator().manual_seed(seed),
     }
     return {**base, **overrides}
+
+
+@contextlib.contextmanager
+def diffusers_log():
+    """The log records of diffusers' loggers during the block (they do not propagate to pytest's `caplog`)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("diffusers")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)

@@ -150,7 +150,7 @@ def test_family_options_reach_every_job_or_are_refused(job_folder, tmp_path, cap
         f"image,audio,output\n{job_folder / 'portrait.png'},{job_folder / 'short.wav'},{tmp_path / 'a.mp4'}\n"
     )
     assert animate.main(["--jobs", str(jobs), "--steps", "1", "--no-progress", "--mode", "parity"]) == 1
-    assert "['mode'] apply to Hallo / Hallo2 weights only" in capsys.readouterr().err
+    assert "['mode'] apply to Hallo / Hallo2 or EchoMimic weights only" in capsys.readouterr().err
     assert not (tmp_path / "a.mp4").exists()
     with pytest.raises(SystemExit) as exit_info:
         animate.main(["--jobs", str(jobs), "--face-embedding", str(tmp_path / "e.npy")])

@@ -8,6 +8,9 @@ Hallo's networks are the goldens' tiny ones (tests/goldens/hallo), built into a 
 
 from __future__ import annotations
 
+import re
+from dataclasses import fields
+
 import pytest
 import torch
 from diffusers import AutoencoderKL
@@ -16,6 +19,7 @@ from hallo_goldens import GOLDENS, golden, golden_conditioning, half_size_condit
 from pipeline_settings import IMAGE, settings, speech
 
 from emo_pipeline.errors import EMOInputError
+from emo_pipeline.families import all_families
 from emo_pipeline.hallo import load_hallo_models
 from emo_pipeline.hallo_conversion import build_hallo_pipeline
 from emo_pipeline.pipeline_emo import SCHEDULERS
@@ -266,6 +270,11 @@ def test_settings_of_another_family_are_refused_and_unknown_names_are_type_error
     emo = tiny_emo_pipeline()
     with pytest.raises(EMOInputError, match=r"\['vocal_separation'\] apply to Hallo / Hallo2 weights only"):
         emo(IMAGE, speech(0.1), vocal_separation="Kim_Vocal_2.onnx")
+    # a setting several families take names all of them, from the registry (not only the first one found)
+    with_modes = [f.label for f in all_families() if f.settings and "mode" in {x.name for x in fields(f.settings)}]
+    assert len(with_modes) >= 2 and "EchoMimic" in with_modes
+    with pytest.raises(EMOInputError, match=re.escape(f"['mode'] apply to {' or '.join(with_modes)} weights only")):
+        emo(IMAGE, speech(0.1), mode="parity")
     with pytest.raises(TypeError, match="unexpected keyword argument 'moed'"):
         emo(IMAGE, speech(0.1), moed="fast")
     assert emo.family.name == "emo" and emo.family.settings is None

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from hallo_goldens import GOLDENS, golden, golden_conditioning, half_size_conditioning
+from pipeline_settings import diffusers_log
 
 from emo_pipeline.cli.convert import main as convert
 from emo_pipeline.errors import EMOInputError
@@ -80,6 +81,11 @@ def test_converted_folder_is_a_hallo_pipeline_with_hallos_defaults_and_card(conv
     card = (converted / "README.md").read_text()
     assert "MIT" in card and "terms of use are the upstream project's" in card and "non-commercial" in card
     assert "fudan-generative-vision/hallo" in card
+    from emo_pipeline import EMOPipeline
+
+    with diffusers_log() as records:  # the components' types are the pipeline's (no "Expected types ..." warning)
+        EMOPipeline.from_pretrained(converted)
+    assert not [r.getMessage() for r in records if "Expected types" in r.getMessage()]
 
 
 def test_parity_mode_reproduces_hallos_own_video(pipe) -> None:
@@ -193,7 +199,8 @@ def test_settings_of_the_other_family_are_refused(pipe) -> None:
 def test_hallo_settings_on_emo_weights_are_refused() -> None:
     from emo_pipeline.testing import tiny_emo_pipeline
 
-    with pytest.raises(EMOInputError, match=r"\['mode', 'motion_scale'\] apply to Hallo"):
+    refused = r"\['mode'\] apply to Hallo / Hallo2 or EchoMimic weights only; \['motion_scale'\] apply to Hallo / "
+    with pytest.raises(EMOInputError, match=refused):
         tiny_emo_pipeline()("portrait.png", np.zeros(16000, dtype=np.float32), mode="parity", motion_scale=(1, 2, 1))
 
 

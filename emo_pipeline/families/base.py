@@ -203,23 +203,27 @@ class Family:
         from emo_pipeline.families import all_families
 
         own = {f.name for f in dataclasses.fields(self.settings)} if self.settings is not None else set()
-        foreign: dict[str, list[str]] = {}
+        foreign: dict[str, list[str]] = {}  # a setting of other families -> their labels (from the registry)
         for name, value in given.items():
             if name in own:
                 continue
-            for family in all_families():
-                if family.settings is not None and family is not type(self):
-                    field_ = {f.name: f for f in dataclasses.fields(family.settings)}.get(name)
-                    if field_ is not None:
-                        if not _is_default(value, field_):
-                            foreign.setdefault(family.label, []).append(name)
-                        break
-            else:
+            fields = [
+                (family, {f.name: f for f in dataclasses.fields(family.settings)}.get(name))
+                for family in all_families()
+                if family.settings is not None and family is not type(self)
+            ]
+            fields = [(family, field_) for family, field_ in fields if field_ is not None]
+            if not fields:
                 raise TypeError(f"{where}(): got an unexpected keyword argument {name!r}")
-        for label, names in foreign.items():
+            if not all(_is_default(value, field_) for _, field_ in fields):
+                foreign[name] = [family.label for family, _ in fields]
+        groups: dict[str, list[str]] = {}  # "Hallo / Hallo2 or EchoMimic" -> the settings only those families take
+        for name, labels in foreign.items():
+            groups.setdefault(" or ".join(labels), []).append(name)
+        if groups:
             raise EMOInputError(
-                f"{names} apply to {label} weights only; this pipeline's weights are {self.label}'s "
-                f"(convert {label} weights with `emo-convert`)"
+                "; ".join(f"{names} apply to {labels} weights only" for labels, names in groups.items())
+                + f"; this pipeline's weights are {self.label}'s (convert those weights with `emo-convert`)"
             )
         if self.settings is None:
             return None

@@ -41,7 +41,7 @@ from emo_pipeline.models.audio_modules import AudioModuleHook, RegionAudioTransf
 from emo_pipeline.models.audio_projection import AudioProjection
 from emo_pipeline.models.face_locator import FaceLocator
 from emo_pipeline.models.speed import SpeedEncoder
-from emo_pipeline.models.step_cache import StepCache, StepCacheConfig
+from emo_pipeline.models.step_cache import StepCache, StepCacheConfig, check_diffusers_cache, hooked_layers
 from emo_pipeline.models.temporal import EMOTemporalTransformer3D
 from emo_pipeline.models.utils import extend_init_signature, quiet_diffusers, to_like
 
@@ -272,15 +272,25 @@ class EMOUNet3DConditionModel(EMOAttentionSwitches, CacheMixin, UNetMotionModel)
 
     def enable_cache(self, config: Any) -> None:
         """diffusers' cache API (`CacheMixin`): `PyramidAttentionBroadcastConfig` (its `current_timestep_callback`
-        reading `pipe.current_timestep`) and the other diffusers configs that fit a UNet, or EMO's step cache,
-        `StepCacheConfig(interval=N)` (DeepCache). README, "Speed switches", says which fit and why."""
+        reading `pipe.current_timestep`), `TaylorSeerCacheConfig(cache_identifiers=TAYLORSEER_IDENTIFIERS)`, or EMO's
+        step cache, `StepCacheConfig(interval=N)` (DeepCache). The diffusers configs that do not fit a UNet are
+        refused with the reason (`step_cache.UNFIT_DIFFUSERS_CACHES`), and so is a config that hooks no layer (it
+        would change nothing). README, "Speed switches", has the table."""
         if isinstance(config, StepCacheConfig):
             if self.is_cache_enabled:
                 raise ValueError(f"Caching is already enabled with {type(self._cache_config)}; disable it first.")
             self._step_cache = StepCache(self, config.interval).install()
             self._cache_config = config
             return
+        check_diffusers_cache(config)
         super().enable_cache(config)
+        if not hooked_layers(self):
+            self.disable_cache()
+            raise EMOInputError(
+                f"{type(config).__name__} matched no layer of EMO's backbone, so it would change nothing: its module "
+                "identifiers name a DiT's blocks (TaylorSeerCacheConfig: cache_identifiers="
+                "emo_pipeline.models.step_cache.TAYLORSEER_IDENTIFIERS)"
+            )
 
     def _reset_stateful_cache(self, recurse: bool = True) -> None:
         """diffusers' reset of stateful cache hooks (the pipeline's `maybe_free_model_hooks`, after every video); a

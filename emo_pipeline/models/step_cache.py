@@ -237,3 +237,50 @@ def with_step_cache(unet: torch.nn.Module, interval: int | None, clips: Iterator
             yield from clips
 
     return run()
+
+
+# diffusers' cache configs that do not fit EMO's UNet backbone, and why (`enable_cache` refuses them with this text).
+_BLOCK_LIST = (
+    "it works on a DiT's top-level list of identical transformer blocks, and EMO's backbone is a UNet (down, mid "
+    "and up blocks of changing resolution joined by skip connections)"
+)
+UNFIT_DIFFUSERS_CACHES = {
+    "FirstBlockCacheConfig": _BLOCK_LIST,
+    "MagCacheConfig": _BLOCK_LIST + " (it finds no blocks to hook and would change nothing)",
+    "SeaCacheConfig": _BLOCK_LIST,
+    "FasterCacheConfig": (
+        "its attention identifiers name a DiT's top-level blocks and its guidance approximation splits the batch of "
+        "the denoiser inputs diffusers knows, not EMO's conditioning (audio tokens, reference keys/values, motion "
+        "frames); on this backbone it changed nothing. PyramidAttentionBroadcastConfig is its attention broadcast "
+        "without the guidance part"
+    ),
+    "TextKVCacheConfig": (
+        "it caches a text prompt's cross-attention keys/values; EMO's audio tokens change with every clip and the "
+        "reference keys/values are already projected once per video"
+    ),
+}
+#: `TaylorSeerCacheConfig(cache_identifiers=TAYLORSEER_IDENTIFIERS)`: EMO's spatial attention layers (diffusers'
+#: default identifiers name a DiT's blocks and match nothing in the UNet).
+TAYLORSEER_IDENTIFIERS = [r".*attentions\.\d+\.transformer_blocks\.\d+\.attn[12]"]
+
+
+def check_diffusers_cache(config: Any) -> None:
+    """Raise `EMOInputError` for a diffusers cache config that does not fit EMO's backbone (the reasons:
+    `UNFIT_DIFFUSERS_CACHES`)."""
+    reason = UNFIT_DIFFUSERS_CACHES.get(type(config).__name__)
+    if reason is not None:
+        raise EMOInputError(
+            f"{type(config).__name__} does not fit EMO's backbone: {reason}. Fitting caches: "
+            "PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig(cache_identifiers="
+            "emo_pipeline.models.step_cache.TAYLORSEER_IDENTIFIERS), StepCacheConfig (README, Speed "
+            "switches)"
+        )
+
+
+def hooked_layers(model: torch.nn.Module) -> list[str]:
+    """Names of the submodules of `model` carrying a diffusers hook (the model itself excluded)."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if name and getattr(module, "_diffusers_hook", None) is not None and module._diffusers_hook.hooks
+    ]
