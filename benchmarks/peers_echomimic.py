@@ -131,14 +131,15 @@ def measure(call, counted, frames_of) -> tuple[dict, np.ndarray]:
     _reset_peak()
     start_kb = _status_kb("VmRSS")
     load = os.getloadavg()[0]
-    began = time.perf_counter()
+    began, cpu_began = time.perf_counter(), time.process_time()
     video = call()
-    seconds = time.perf_counter() - began
+    seconds, cpu_seconds = time.perf_counter() - began, time.process_time() - cpu_began
     frames = frames_of(video)
     return {
         "seconds": round(seconds, 2),
         "frames": int(frames.shape[0]),
         "s_per_frame": round(seconds / frames.shape[0], 3),
+        "cpu_s_per_frame": round(cpu_seconds / frames.shape[0], 3),
         "frame_evaluations_per_frame": round(counted[0] / frames.shape[0], 2),
         "peak_above_start_mb": round((_status_kb("VmHWM") - start_kb) / 1024, 1),
         "load_before": round(load, 2),

@@ -7,6 +7,7 @@ the ReferenceNet), with the default backend's output within 1e-5. The backends t
 flash-attn, sage and xformers are GPU-only (README, "Attention backends").
 """
 
+import collections
 import contextlib
 import logging
 import os
@@ -151,29 +152,54 @@ def test_the_chosen_backend_runs_in_every_attention_layer(models, default_output
                 model.set_attention_backend(backend)
         dispatched, projected = stack.enter_context(spy(models, backend))
         outputs = run_all(*models)
-    assert len(dispatched) == len(projected), "an attention layer computed attention without the dispatcher"
     layers = all_layers(models)
     assert {layer for layer, _ in dispatched} == layers
     kinds = {layer_kind(name.split(".", 1)[1]) for name in layers if name.startswith("hallo.")}
     assert kinds == {"reference_attn1", "audio_attn2", "temporal", "speed", "audio_module"}
-    # every layer ran the chosen kernel; a mask-less kernel hands Hallo's masked reference attention to "native"
-    masked = {layer for layer in layers if layer.startswith("hallo.") and layer_kind(layer[6:]) == "reference_attn1"}
-    expected_fallback = backend == "_native_flash"
-    for layer, ran in dispatched:
-        assert ran == ("native" if expected_fallback and layer in masked else backend), (layer, ran)
+    # Hallo's reference attention under guidance attends its two row ranges separately (the unconditional row to its
+    # own keys only), so it needs no mask: every layer, that one included, runs the chosen kernel, none falls back
+    split = {layer for layer in layers if layer.startswith("hallo.") and layer_kind(layer[6:]) == "reference_attn1"}
+    calls = collections.Counter(layer for layer, _ in dispatched)
+    assert all(calls[layer] == (2 if layer in split else 1) * projected.count(layer) for layer in layers), calls
+    assert {ran for _, ran in dispatched} == {backend}
     for got, expected in zip(outputs, default_outputs):
         assert (got - expected).abs().max() < 1e-5
 
 
-def test_a_maskless_backend_warns_once_and_falls_back_for_masked_layers(models, restore_default, caplog):
+def test_split_reference_rows_equal_the_masked_generic_path(models, default_outputs, restore_default):
+    """The row ranges of `EMOAttnProcessor` give what any processor computes with the additive reference mask."""
+    *_, hallo = models
+    hallo.set_attn_processor(AttnProcessor2_0())  # a processor of diffusers: the hook passes tokens and the mask
+    outputs = run_all(*models)
+    assert (outputs[-1] - default_outputs[-1]).abs().max() < 1e-5
+
+
+def test_reference_row_runs() -> None:
+    from emo_pipeline.models.attention import reference_row_runs
+
+    assert reference_row_runs(torch.tensor([False, True]), 3) == ((0, 3, False), (3, 6, True))
+    assert reference_row_runs((True, True, False), 2) == ((0, 4, True), (4, 6, False))
+    assert reference_row_runs(None, 2) is None
+
+
+def test_a_maskless_backend_warns_once_and_falls_back_for_a_mask(restore_default, caplog):
+    """A masked call (a reference mask under torch.compile) on a kernel without masks runs on "native", once said."""
     from emo_pipeline.models import attention
 
     attention._warned_fallbacks.clear()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 5, 2, 8, generator=g) for _ in range(3))
+    mask = torch.zeros(2, 1, 1, 5)
+    mask[0, ..., 3:] = float("-inf")
     with caplog.at_level(logging.WARNING), attention_backend("_native_flash"):
-        run_all(*models)
-        run_all(*models)
+        first = attention.dispatch_attention(q, k, v, None, mask, None, "layer")
+        attention.dispatch_attention(q, k, v, None, mask, None, "layer")
     warnings = [r.getMessage() for r in caplog.records if "takes no attention mask" in r.getMessage()]
     assert len(warnings) == 1 and "'_native_flash'" in warnings[0] and "'native'" in warnings[0]
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        *(t.transpose(1, 2) for t in (q, k, v)), attn_mask=mask
+    ).transpose(1, 2)
+    torch.testing.assert_close(first, expected)
 
 
 def test_set_attention_backend_warns_about_layers_it_cannot_reach(models, restore_default, caplog):

@@ -98,6 +98,7 @@ class ConditioningState:
         "face_features",
         "reached",
         "reference_rows",
+        "reference_runs",
         "reference_tiled",
         "audio_module_tokens",
         "audio_module_masks",
@@ -118,6 +119,9 @@ class ConditioningState:
         # Checkpoint families other than EMO (all None for EMO):
         # `reference_rows` (B,) bool: which samples attend to the reference (Hallo: not the unconditional branch);
         self.reference_rows: torch.Tensor | None = None
+        # `reference_runs`: the same as contiguous row ranges ((start, stop, sees_reference), ...) over the B*F rows,
+        # known in Python (`reference_row_runs`), so `EMOAttnProcessor` attends each range to exactly its keys;
+        self.reference_runs: tuple[tuple[int, int, bool], ...] | None = None
         # `reference_tiled`: reference copies tile the rows (`ReferenceFeatures.tiled`, Hallo's bank);
         self.reference_tiled: bool = False
         # inputs of Hallo-style audio modules (`emo_pipeline.models.audio_modules`): tokens (B*F, T, C), per-level
@@ -274,6 +278,8 @@ class EMOAttnProcessor:
         temb: torch.Tensor | None = None,
         reference_key: torch.Tensor | None = None,
         reference_value: torch.Tensor | None = None,
+        reference_runs: tuple[tuple[int, int, bool], ...] | None = None,
+        num_reference: int = 0,
     ) -> torch.Tensor:
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -286,6 +292,35 @@ class EMOAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         query, key, value = self._project(attn, hidden_states, encoder_hidden_states)
+        if reference_runs is not None:
+            out = self._attend_runs(
+                attn, query, key, value, reference_key, reference_value, reference_runs, num_reference
+            )
+        else:
+            out = self._attend(attn, query, key, value, attention_mask, reference_key, reference_value, batch)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    def _attend_runs(self, attn, query, key, value, reference_key, reference_value, runs, num_reference):
+        """Rows that see the reference attend to their own and the reference keys, the others to their own only
+        (no masked-out reference keys computed: Hallo's and EchoMimic's unconditional branch)."""
+        own = key.shape[1] - num_reference  # with `num_reference`, the keys already end with the reference's
+        pieces = []
+        for start, stop, sees in runs:
+            k, v = key[start:stop], value[start:stop]
+            if not sees:
+                k, v = k[:, :own], v[:, :own]
+            elif reference_key is not None:
+                k = torch.cat([k, reference_key[start:stop].to(k.dtype)], dim=1)
+                v = torch.cat([v, reference_value[start:stop].to(v.dtype)], dim=1)
+            pieces.append(self._attend(attn, query[start:stop], k, v, None, None, None, stop - start))
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+    def _attend(self, attn, query, key, value, attention_mask, reference_key, reference_value, batch):
         if reference_key is not None and reference_value is not None:
             key = torch.cat([key, reference_key.to(key.dtype)], dim=1)
             value = torch.cat([value, reference_value.to(value.dtype)], dim=1)
@@ -301,13 +336,7 @@ class EMOAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
         out = dispatch_attention(query, key, value, self, mask, attn.scale, type(attn).__name__)
-        out = out.flatten(2, 3).to(query.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        return out.flatten(2, 3).to(query.dtype)
 
     def _project(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None):
         if self.fused and encoder_hidden_states is None and hasattr(attn, "to_qkv"):
@@ -458,10 +487,14 @@ class ReferenceAttentionHook:
         kwargs = dict(kwargs)
         cached = state.key_value.get(self.name) if state.key_value is not None else None
         tiled = state.reference_tiled
-        if cached is not None and isinstance(attn.processor, EMOAttnProcessor):
+        own_processor = isinstance(attn.processor, EMOAttnProcessor)
+        runs = state.reference_runs if own_processor else None
+        if cached is not None and own_processor:
             key, value = (_per_frame(t, batch_frames, state.num_frames, self.name, tiled) for t in cached)
             kwargs["reference_key"], kwargs["reference_value"] = key, value
-            if state.reference_rows is not None:
+            if runs is not None:
+                kwargs["reference_runs"] = runs
+            elif state.reference_rows is not None:
                 kwargs["attention_mask"] = _reference_row_mask(
                     state.reference_rows, hidden_states, key.shape[1], state.num_frames
                 )
@@ -474,12 +507,37 @@ class ReferenceAttentionHook:
                 )
             tokens = _per_frame(tokens.to(hidden_states.dtype), batch_frames, state.num_frames, self.name, tiled)
             kwargs["encoder_hidden_states"] = torch.cat([hidden_states, tokens], dim=1)
-            if state.reference_rows is not None:
+            if runs is not None:
+                kwargs["reference_runs"], kwargs["num_reference"] = runs, tokens.shape[1]
+            elif state.reference_rows is not None:
                 kwargs["attention_mask"] = _reference_row_mask(
                     state.reference_rows, hidden_states, tokens.shape[1], state.num_frames
                 )
         state.mark(self.name)
         return args, kwargs
+
+
+def reference_row_runs(
+    rows: torch.Tensor | tuple[bool, ...] | list[bool] | None, num_frames: int
+) -> tuple[tuple[int, int, bool], ...] | None:
+    """`(B,)` bool (which samples see the reference) -> contiguous ranges `(start, stop, sees)` of the `B*F` rows.
+
+    None when there are no rows, or when `rows` is a tensor under `torch.compile` (its values are not known while
+    tracing: the layers then use the additive mask of `_reference_row_mask`, the same result).
+    """
+    if rows is None:
+        return None
+    if isinstance(rows, torch.Tensor):
+        if torch.compiler.is_compiling():
+            return None
+        rows = rows.tolist()
+    runs: list[list] = []
+    for sample, sees in enumerate(bool(r) for r in rows):
+        if runs and runs[-1][2] == sees:
+            runs[-1][1] = (sample + 1) * num_frames
+        else:
+            runs.append([sample * num_frames, (sample + 1) * num_frames, sees])
+    return tuple(tuple(run) for run in runs)
 
 
 def _reference_row_mask(

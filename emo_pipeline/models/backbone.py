@@ -36,6 +36,7 @@ from emo_pipeline.models.attention import (
     checkpoint_with_state,
     install_emo_processors,
     reference_key_value,
+    reference_row_runs,
 )
 from emo_pipeline.models.audio_modules import AudioModuleHook, RegionAudioTransformer, audio_module_inner_dims
 from emo_pipeline.models.audio_projection import AudioProjection
@@ -436,6 +437,7 @@ class EMOUNet3DConditionModel(EMOAttentionSwitches, CacheMixin, UNetMotionModel)
         state.speed_embeddings = speed_embeddings
         state.face_features = face_features
         state.reference_rows = reference_rows
+        state.reference_runs = reference_row_runs(reference_rows, sample.shape[2])
         attn2_context = audio_tokens
         if self._audio_module_names:
             if context_tokens is None or region_masks is None:
