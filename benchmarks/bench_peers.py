@@ -45,6 +45,15 @@ through ``pipe.iter_clips`` (streaming, as ``write_video``). ``--api hallo_gener
 how far Hallo's own frames move on float noise alone (Hallo rounds its reference bank to fp16, so ~1e-7 differences
 flip roundings and grow through the steps and the clip chain): the scale on which the parity mode's difference is read.
 Load averages before and after every run are in the json: the machine has 2 cores shared with other work.
+
+Precision (``--dtype fp32|bf16|fp16``) applies to BOTH sides: Hallo's networks and the shared VAE are cast as its
+``weight_dtype`` switch casts them (``inference.py``: ``pipeline.to(dtype=weight_dtype)``, the audio projection too)
+before our classes take the same tensors, so both run the same rounded weights. One shim (``bank_dtype_shim``, listed
+in the json's ``hallo_precision_shims``): in bf16 Hallo's reference bank is cast to bf16 instead of its hard-coded
+fp16 (``cat`` of bf16 tokens with an fp16 bank gives float32, which its bf16 ``to_k`` refuses). ``--device cuda``
+runs both on a GPU (``gpu_check.py --hallo-src``). ``--modes compiled``: ours in the parity mode after
+``pipe.compile()`` (regional); its warm-up's time is its cold start (``cold_start_first_clip_s`` in the summary).
+Where the time goes inside one run: ``benchmarks/profile_peers.py`` (torch.profiler, same builds).
 """
 
 from __future__ import annotations
@@ -72,6 +81,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SEED = 42  # scripts/inference.py: generator = torch.manual_seed(42)
 WEIGHT_SEED = 1234
 FPS = 25
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # stable-diffusion-v1-5/unet/config.json (layer sizes only; the weights are random)
 SD15_UNET_CONFIG = {
@@ -244,10 +254,16 @@ def build_hallo(args: argparse.Namespace, goldens, work: Path) -> dict:
     missing, unexpected = net.load_state_dict(released)  # inference.py:243-250, strict
     assert len(missing) == 0 and len(unexpected) == 0, "Fail to load correct checkpoint."
     del released
+    dtype, device = DTYPES[args.dtype], torch.device(args.device)
+    shims = []
+    if dtype != torch.float32 or device.type != "cpu":  # inference.py:142-149,220,262: weight_dtype casts every
+        net.to(device=device, dtype=dtype)  # network (before load_ours: our side shares the cast tensors)
+        if dtype != torch.float16:
+            shims.append(bank_dtype_shim(dtype))
 
     vae = AutoencoderKL(**vae_config)
     goldens.randomise_(vae, generator)
-    vae.eval().requires_grad_(False)
+    vae.eval().requires_grad_(False).to(device=device, dtype=dtype)  # one VAE for both sides, compared precision
     pipeline = FaceAnimatePipeline(  # inference.py:254-262
         vae=vae,
         reference_unet=net.reference_unet,
@@ -256,7 +272,7 @@ def build_hallo(args: argparse.Namespace, goldens, work: Path) -> dict:
         scheduler=DDIMScheduler(**sched_kwargs),
         image_proj=net.imageproj,
     )
-    pipeline.to(device="cpu", dtype=torch.float32)
+    pipeline.to(device=device, dtype=dtype)  # inference.py:262
     pipeline.set_progress_bar_config(disable=True)
     assert denoising_unet.training and not reference_unet.training  # the released code path (train-mode denoiser)
     return {
@@ -271,7 +287,32 @@ def build_hallo(args: argparse.Namespace, goldens, work: Path) -> dict:
         "unet_additional_kwargs": unet_additional_kwargs,
         "scheduler_config": sched_kwargs,
         "vae_config": vae_config,
+        "dtype": dtype,
+        "device": device,
+        "shims": shims,
     }
+
+
+def bank_dtype_shim(dtype: torch.dtype) -> str:
+    """Hallo's only precision shim: its reference bank is cast to the models' dtype, not to float16.
+
+    `FaceAnimatePipeline` calls `reference_control_reader.update(writer)`, whose default `dtype=torch.float16` rounds
+    the bank to fp16 (harmless in fp32 and fp16: `cat` promotes fp16 with fp32, and fp16 is the models' dtype). In
+    bf16, `cat([bf16 tokens, fp16 bank])` promotes to float32 and attn1's bf16 `to_k` then refuses float32 input, so
+    the bank goes to the models' dtype (what `weight_dtype` means). Nothing else of Hallo is changed for bf16/fp16.
+    """
+    from hallo.models.mutual_self_attention import ReferenceAttentionControl
+
+    original = ReferenceAttentionControl.update
+    if getattr(original, "bank_dtype_shim", None) != dtype:
+        original = getattr(original, "__wrapped__", original)
+
+        def update(self, writer, dtype=dtype):
+            return original(self, writer, dtype=dtype)
+
+        update.__wrapped__, update.bank_dtype_shim = original, dtype
+        ReferenceAttentionControl.update = update
+    return f"ReferenceAttentionControl.update(writer) casts the reference bank to {dtype} (Hallo: torch.float16)"
 
 
 def load_ours(hallo: dict):
@@ -294,14 +335,38 @@ def load_ours(hallo: dict):
                 left.append(name)
                 owner, _, leaf = name.rpartition(".")
                 module = model.get_submodule(owner) if owner else model
-                empty = torch.zeros(tensor.shape, dtype=tensor.dtype)
+                empty = torch.zeros(tensor.shape, dtype=hallo["dtype"], device=hallo["device"])
                 if isinstance(tensor, torch.nn.Parameter):
                     setattr(module, leaf, torch.nn.Parameter(empty, requires_grad=False))
                 else:
                     module._buffers[leaf] = empty
     for model in (models.reference_net, models.backbone, models.identity_proj):
         model.eval().requires_grad_(False)
+        model.to(hallo["dtype"])  # the few parameters built here (not Hallo's): to Hallo's dtype, shared ones kept
+    if hallo["dtype"] != torch.float32:
+        models.bank_dtype = hallo["dtype"]  # as Hallo's bank under the shim (fp16: Hallo's own default)
     return models, left
+
+
+def compiled_pipeline(hallo: dict) -> dict:
+    """Ours with `pipe.compile()` (regional, fullgraph, the VAE decoder whole), on model objects of its own.
+
+    `compile_repeated_blocks` and `decoder.compile()` work in place, so the compiled side gets its own modules: our
+    classes loaded again from Hallo's state (the tensors assigned, shared: no memory) and a copy of the shared VAE
+    (without the other sides' timers, which call the shared one).
+    """
+    import copy
+
+    from emo_pipeline import hallo_conversion
+
+    models, _ = load_ours(hallo)
+    vae = copy.deepcopy(hallo["vae"])
+    for method in ("encode", "decode"):
+        vars(vae).pop(method, None)
+    pipe = hallo_conversion.build_hallo_pipeline(models, vae)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.compile()
+    return {"models": models, "pipeline": pipe}
 
 
 def fingerprint(net: torch.nn.Module) -> float:
@@ -514,9 +579,13 @@ def measured(label: str, fn, output_frames: int) -> tuple[dict, torch.Tensor | N
     """Time and memory of `fn()`, which returns the video (3, T, H, W) or, streaming, the number of frames."""
     SECONDS_IN.clear()
     load_before = os.getloadavg()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     with LoopMemory() as memory, torch.no_grad():
         start = time.perf_counter()
         video = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - start
     run = {
         "side": label,
@@ -525,6 +594,7 @@ def measured(label: str, fn, output_frames: int) -> tuple[dict, torch.Tensor | N
         "seconds_per_output_frame": round(seconds / output_frames, 4),
         "seconds_in": {k: round(v, 2) for k, v in sorted(SECONDS_IN.items())},
         **memory.report(),
+        **({"gpu_peak_mb": round(torch.cuda.max_memory_allocated() / 2**20)} if torch.cuda.is_available() else {}),
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
     }
@@ -537,7 +607,7 @@ def measured(label: str, fn, output_frames: int) -> tuple[dict, torch.Tensor | N
 
 
 def diff(video: torch.Tensor, reference: torch.Tensor, frames_per_clip: int) -> dict:
-    difference = (video.double() - reference.double()).abs()  # (3, T, H, W)
+    difference = (video.cpu().double() - reference.cpu().double()).abs()  # (3, T, H, W)
     return {
         "max_abs_diff": round(float(difference.max()), 6),
         "mean_abs_diff": round(float(difference.mean()), 7),
@@ -582,8 +652,13 @@ def _summarise_timed(timed: list[dict]) -> dict:
 def summarise(runs: list[dict]) -> dict:
     summary = _summarise_timed([r for r in runs if r["phase"] == "timed"])
     half = [r for r in runs if r["phase"] == "timed_bf16"]
-    if half:  # our bfloat16 modes against Hallo's float32 loop, rounds of their own
-        summary["bf16_rounds"] = _summarise_timed(half)
+    if half:  # jsons written before --dtype: our bf16 against Hallo's fp32 (not like for like; superseded)
+        summary["bf16_rounds_ours_bf16_vs_hallo_fp32_not_like_for_like"] = _summarise_timed(half)
+    warmups = [r for r in runs if r["phase"] == "warmup"]
+    for side, row in summary.items():  # cold start: the first run of each side (1 clip, 1 step; compiles)
+        first = next((r for r in warmups if r["side"] == side), None)
+        if first is not None:
+            row["cold_start_first_clip_s"] = first["seconds_total"]
     floor = [r for r in runs if r["phase"] == "hallo_floor"]
     if floor:
         summary["hallo_vs_itself_1_thread"] = {
@@ -603,7 +678,8 @@ def print_table(result: dict) -> None:
     summary = result["summary"]
     print(f"\n{'side':<28} {'s/frame':>9} {'x Hallo':>8} {'min x Hallo':>12} {'loop peak MB':>13} {'max |diff|':>11}")
     rows = list(summary.items()) + [
-        (f"{side} (bf16 rounds)", row) for side, row in summary.get("bf16_rounds", {}).items()
+        (f"{side} (old: bf16 vs Hallo fp32)", row)
+        for side, row in summary.get("bf16_rounds_ours_bf16_vs_hallo_fp32_not_like_for_like", {}).items()
     ]
     for side, row in rows:
         if "seconds_per_output_frame" not in row:
@@ -619,7 +695,8 @@ def print_table(result: dict) -> None:
         print(f"sweep {side:<28} " + "  ".join(f"{k}: {mb:.1f} MB" for k, mb in peaks.items()))
 
 
-def machine_info() -> dict:
+def machine_info(device: str = "cpu") -> dict:
+    gpu = {"gpu": torch.cuda.get_device_name()} if device.startswith("cuda") else {}
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
@@ -627,7 +704,8 @@ def machine_info() -> dict:
         "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "device": "cpu",
+        "device": device,
+        **gpu,
     }
 
 
@@ -654,7 +732,12 @@ def main() -> int:
     parser.add_argument("--motion-frames", type=int, default=2)
     parser.add_argument("--guidance-scale", type=float, default=3.5)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--modes", default="parity,fast", help="ours: comma-separated modes (parity, fast)")
+    parser.add_argument(
+        "--modes",
+        default="parity,fast",
+        help="ours: comma-separated modes: parity, fast, compiled (parity mode after pipe.compile(): regional, "
+        "fullgraph; its own model objects on the shared tensors and its own VAE copy; its warm-up is the cold start)",
+    )
     parser.add_argument(
         "--api",
         choices=["auto", "pipeline", "hallo_generate"],
@@ -679,12 +762,13 @@ def main() -> int:
         "--decode-chunk-size", type=int, default=8, help="ours: frames per VAE decode call (the pipeline's default 8)"
     )
     parser.add_argument(
-        "--bf16-modes",
-        default="",
-        help="at the end: our modes again in bfloat16 (our models and a copy of the VAE: pipe.to(torch.bfloat16)), "
-        "a '+vaecompile' suffix also compiling the VAE decoder (pipe.compile(components=('vae',))), alternated with "
-        "Hallo's fp32 loop for --repeats rounds, e.g. fast,fast+vaecompile",
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="fp32",
+        help="precision of BOTH sides: Hallo through its weight_dtype (networks and VAE cast, the reference bank in "
+        "that dtype: the one shim, bank_dtype_shim), ours on the same cast tensors",
     )
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (gpu_check.py --hallo-src runs it there)")
     parser.add_argument("--sweep-steps", type=int, default=1)
     parser.add_argument("--sweep-modes", default="fast", help="our modes in the memory sweep (default: fast)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
@@ -706,9 +790,9 @@ def main() -> int:
     for path in args.extra_path:
         sys.path.insert(0, str(path.resolve()))
     modes = [m for m in args.modes.split(",") if m]
-    unknown = set(modes) - {"parity", "fast"}
+    unknown = set(modes) - {"parity", "fast", "compiled"}
     if unknown:
-        raise SystemExit(f"unknown mode(s) {sorted(unknown)}: use parity, fast")
+        raise SystemExit(f"unknown mode(s) {sorted(unknown)}: use parity, fast, compiled")
     torch.set_num_threads(args.threads or os.cpu_count())
     torch.set_grad_enabled(False)
 
@@ -769,10 +853,11 @@ def main() -> int:
             "weights": "every parameter random (randomise_ of make_hallo_goldens.py), seed 1234; shared by both",
             "our_parameters_not_in_checkpoint": left,
             "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
+            "hallo_precision_shims": hallo["shims"] or "none (fp32: Hallo as released, its bank rounded to fp16)",
             "memory_method": "VmHWM after a clear_refs reset minus VmRSS at the run's start (kernel high-water mark); "
             "sampled_*: psutil thread every 20 ms",
         },
-        "machine": machine_info(),
+        "machine": machine_info(args.device),
         "runs": [],
     }
 
@@ -784,7 +869,14 @@ def main() -> int:
 
     prefix = "ours" if api == "pipeline" else "hallo_generate"
     sides = [("hallo", lambda c, s: run_hallo(hallo, inputs, args, c, s))]
-    sides += [(f"{prefix}-{m}", lambda c, s, m=m: run_ours(m, api, ours, hallo, inputs, args, c, s)) for m in modes]
+    for m in modes:
+        side = ours
+        if m == "compiled":
+            if api != "pipeline":
+                raise SystemExit("--modes compiled needs --api pipeline")
+            side = compiled_pipeline(hallo)
+        base = "parity" if m == "compiled" else m
+        sides.append((f"{prefix}-{m}", lambda c, s, b=base, o=side: run_ours(b, api, o, hallo, inputs, args, c, s)))
     sweep_api = "iter_clips"  # streaming (hallo_generate is the same loop, through the pipeline)
     sweep_sides = sides[:1] + [
         (f"{prefix}-{m} ({sweep_api})", lambda c, s, m=m: run_ours(m, sweep_api, ours, hallo, inputs, args, c, s))
@@ -795,12 +887,11 @@ def main() -> int:
     for label, fn in sides:  # warm-up: one clip, one step
         run, _ = measured(label, lambda fn=fn: fn(1, 1), args.frames_per_clip)
         record({**run, "phase": "warmup"})
-    hallo_frames, fp32_frames = None, {}
+    hallo_frames = None
     for repeat in range(args.repeats):
         reference = None
         for label, fn in sides:
             run, video = measured(label, lambda fn=fn: fn(args.clips, args.steps), frames)
-            fp32_frames[label] = video
             if reference is None:
                 reference = video
                 hallo_frames = video if hallo_frames is None else hallo_frames
@@ -815,44 +906,6 @@ def main() -> int:
         for label, fn in sweep_sides:
             run, _ = measured(label, lambda fn=fn, c=clips: fn(c, args.sweep_steps), clips * args.frames_per_clip)
             record({**run, "phase": "sweep", "audio_seconds": seconds, "clips": clips, "steps": args.sweep_steps})
-    half_modes = [m for m in args.bf16_modes.split(",") if m]
-    if half_modes and api == "pipeline":
-        # Our networks to bfloat16: `.to` gives our modules new tensors, Hallo's modules keep the shared float32 ones.
-        # The VAE module itself is shared, so ours gets its own bfloat16 copy (one more per compiled variant).
-        import copy
-
-        for model in (models.reference_net, models.backbone, models.identity_proj):
-            model.to(torch.bfloat16)
-        half_sides = [("hallo", lambda c, s: run_hallo(hallo, inputs, args, c, s))]
-        half_bases = {}  # our bf16 side -> the float32 side of the same mode (its frames: the precision error)
-        for m in half_modes:
-            base, *extra = m.split("+")
-            if base not in ("parity", "fast") or set(extra) - {"vaecompile"}:
-                raise SystemExit(f"--bf16-modes: {m!r} is not parity|fast[+vaecompile]")
-            vae = copy.deepcopy(hallo["vae"]).to(torch.bfloat16)
-            for method in ("encode", "decode"):  # the copied timers would call the shared float32 VAE
-                vars(vae).pop(method, None)
-            pipe = hallo_conversion.build_hallo_pipeline(models, vae)
-            pipe.set_progress_bar_config(disable=True)
-            if extra:
-                pipe.compile(components=("vae",))
-            side = {"models": models, "pipeline": pipe}
-            half_sides.append(
-                (f"ours-{m}+bf16", lambda c, s, b=base, o=side: run_ours(b, api, o, hallo, inputs, args, c, s))
-            )
-            half_bases[f"ours-{m}+bf16"] = f"ours-{base}"
-        for label, fn in half_sides[1:]:  # warm-up (compiles the decoder): one clip, one step
-            run, _ = measured(label, lambda fn=fn: fn(1, 1), args.frames_per_clip)
-            record({**run, "phase": "warmup"})
-        for repeat in range(args.repeats):
-            reference = None
-            for label, fn in half_sides:
-                run, video = measured(label, lambda fn=fn: fn(args.clips, args.steps), frames)
-                reference = video if reference is None else reference
-                run.update(diff(video, reference, args.frames_per_clip))
-                if fp32_frames.get(half_bases.get(label)) is not None:
-                    run["vs_float32_same_mode"] = diff(video, fp32_frames[half_bases[label]], args.frames_per_clip)
-                record({**run, "phase": "timed_bf16", "repeat": repeat})
     result["weights_unchanged"] = fingerprint(hallo["net"]) == weights_before
     result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     result["summary"] = summarise(result["runs"])

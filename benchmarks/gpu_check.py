@@ -14,6 +14,13 @@ process (fresh compile caches and memory peak) on the same random SD1.5-shaped w
 (cold start: its time, compilation included, is the time to the first frames), then a `--clips`-clip video (warm
 seconds per frame). `max/mean_abs_difference` compare the warm video's frames in [0, 1] with the fp32 row's.
 Peak memory: `torch.cuda.max_memory_allocated` on a GPU, the process's peak RSS on a CPU.
+
+Against Hallo at the same precision (GPU only): `--hallo-src DIR` (a checkout of fudan-generative-vision/hallo;
+`--hallo-extra-path` for einops) adds, per `--hallo-dtypes` (fp16 bf16), one `bench_peers.py --dtype D --device cuda`
+process at this size / frames / steps / clips: Hallo's own loop, ours-parity and ours-fast alternated on the same
+weights cast to D (Hallo through its `weight_dtype`, its bank in D: the one shim), rows `peers-D-<side>` with seconds
+per output frame, the ratio to Hallo's, frame evaluations per output frame (steps x 2: both sides batch the two
+guidance branches) and the frame difference to Hallo's. On a CPU, `bench_peers.py --dtype` does this.
 """
 
 from __future__ import annotations
@@ -164,6 +171,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per row")
     parser.add_argument("--out", default=None, help="json path (default results/gpu_check_<model>_<size>.json)")
+    parser.add_argument("--hallo-src", type=Path, help="Hallo checkout: add the like-for-like peer rows (GPU only)")
+    parser.add_argument("--hallo-extra-path", type=Path, help="put on Hallo's sys.path (einops)")
+    parser.add_argument("--hallo-dtypes", nargs="+", default=["fp16", "bf16"], choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
     parser.add_argument("--frames-path", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -171,6 +181,9 @@ def main() -> None:
     if args.run_one:
         print("RESULT " + json.dumps(run_row(json.loads(args.run_one), args, args.frames_path)), flush=True)
         return
+
+    if args.hallo_src is not None and not args.device.startswith("cuda"):
+        parser.error("--hallo-src rows are GPU rows; on a CPU run benchmarks/bench_peers.py --dtype ...")
 
     import numpy as np
 
@@ -232,6 +245,45 @@ def main() -> None:
         result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")  # after every row: a cut-short run keeps its rows
+    for dtype in args.hallo_dtypes if args.hallo_src is not None else ():
+        result["rows"].update(peer_rows(dtype, args, frames_dir))
+        result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def peer_rows(dtype: str, args: argparse.Namespace, work: Path) -> dict[str, dict]:
+    """`bench_peers.py --dtype dtype` on this device: Hallo's loop and ours at the same precision, alternated."""
+    out = work / f"peers_{dtype}.json"
+    command = [sys.executable, str(HERE / "bench_peers.py"), "--hallo-src", str(args.hallo_src), "--dtype", dtype,
+               "--device", args.device, "--size", str(args.size), "--frames-per-clip", str(args.frames),
+               "--motion-frames", str(args.motion_frames), "--steps", str(args.steps), "--clips", str(args.clips),
+               "--repeats", "1", "--audio-seconds", "--modes", "parity,fast", "--output", str(out)]  # fmt: skip
+    command += ["--extra-path", str(args.hallo_extra_path)] if args.hallo_extra_path else []
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {f"peers-{dtype}": {"error": f"did not finish in {args.timeout:g} s"}}
+    if not out.is_file():
+        return {f"peers-{dtype}": {"error": (done.stderr.strip().splitlines() or ["no output"])[-1][:500]}}
+    peers = json.loads(out.read_text())
+    rows = {}
+    for side, summary in peers["summary"].items():
+        if "seconds_per_output_frame" not in summary:
+            continue
+        runs = [r for r in peers["runs"] if r["side"] == side and r["phase"] == "timed"]
+        rows[f"peers-{dtype}-{side}"] = {
+            "settings": {
+                "dtype": dtype,
+                "side": side,
+                "hallo_precision_shims": peers["config"]["hallo_precision_shims"],
+            },
+            "warm_seconds_per_frame": summary["seconds_per_output_frame"],
+            "ratio_to_hallo": summary.get("ratio_to_hallo", 1.0),
+            "frame_evaluations_per_output_frame": args.steps * 2,
+            "peak_memory_bytes": max(r.get("gpu_peak_mb", 0) for r in runs) * 2**20 if runs else None,
+            "max_abs_difference_to_hallo": summary.get("max_abs_diff_to_hallo", 0.0),
+        }
+    return rows
 
 
 def _cpu_model() -> str:
