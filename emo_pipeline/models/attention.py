@@ -223,7 +223,8 @@ def dispatch_attention(
     The backend is `processor._attention_backend` (what `model.set_attention_backend(name)` sets), else the active
     one (`with attention_backend(name):`, `DIFFUSERS_ATTN_BACKEND`, "native" by default). A layer that needs a mask
     under a backend whose kernel takes none (flash-attn 2/3/4, `_native_flash`, sage, aiter, XLA) runs on "native"
-    instead, with one warning per backend (only Hallo's reference attention with guidance has a mask).
+    instead, with one warning per backend (only the reference attention under guidance has a mask, and only when its
+    rows are not known in Python: a compiled backbone given them as a tensor).
     """
     backend = getattr(processor, "_attention_backend", None)
     if attn_mask is not None:
@@ -233,7 +234,7 @@ def dispatch_attention(
                 _warned_fallbacks.add(str(active))
                 logger.warning(
                     f"{layer}: attention backend {AttentionBackendName(active).value!r} takes no attention mask; the "
-                    "masked layers (Hallo's reference attention under guidance) run on 'native' SDPA instead"
+                    "masked calls (the reference attention under guidance, compiled) run on 'native' SDPA instead"
                 )
             backend = AttentionBackendName.NATIVE
     return dispatch_attention_fn(
@@ -259,8 +260,9 @@ class EMOAttnProcessor:
 
     It also takes precomputed reference keys/values: the keys and values of the layer's own tokens are extended by
     the reference ones, which is what the generic path (`encoder_hidden_states = cat([hidden_states, reference
-    tokens])`) computes, minus re-projecting the reference. An `attention_mask` `(B*F, 1, L + R)` is then additive over
-    those keys (Hallo: rows that do not see the reference).
+    tokens])`) computes, minus re-projecting the reference. `reference_runs` (row ranges, `reference_row_runs`) says
+    which rows see the reference (Hallo's and EchoMimic's unconditional rows do not): each range gets one kernel call
+    over exactly its keys. Without it, an `attention_mask` `(B*F, 1, L + R)` is additive over those keys.
     """
 
     _attention_backend: AttentionBackendName | None = None
