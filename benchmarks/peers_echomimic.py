@@ -409,7 +409,10 @@ def main(argv: list[str] | None = None) -> int:
         for side in args.sides
     }
     if "echomimic" in growth and growth["echomimic"] > 0:
-        growth.update({f"{k}_share_of_echomimic": round(v / growth["echomimic"], 3) for k, v in list(growth.items())})
+        shares = {
+            f"{k}_share_of_echomimic": round(v / growth["echomimic"], 3) for k, v in growth.items() if k != "echomimic"
+        }
+        growth.update(shares)
     result = {
         "what": __doc__.split("\n\n")[0],
         "settings": {
