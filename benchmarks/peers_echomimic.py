@@ -288,23 +288,31 @@ def worker_ours(args) -> dict:
     import emo_pipeline.audio  # noqa: F401
     import emo_pipeline.face  # noqa: F401
 
-    def call():
-        return pipe(
-            portrait[:, :, ::-1].copy(),
-            audio,
-            height=args.size,
-            width=args.size,
-            fps=FPS,
-            face_box=box,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance_scale,
-            generator=torch.manual_seed(SEED),
-            mode=args.worker,
-            output_type="np",
-            watermark=False,
-            decode_chunk_size=args.decode_chunk_size,
-        ).frames
+    settings = {
+        "height": args.size,
+        "width": args.size,
+        "fps": FPS,
+        "face_box": box,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "generator": torch.manual_seed(SEED),
+        "mode": args.worker,
+        "output_type": "np",
+        "watermark": False,
+        "decode_chunk_size": args.decode_chunk_size,
+    }
 
+    image = portrait[:, :, ::-1].copy()
+
+    def call():
+        if not args.stream:
+            return pipe(image, audio, **settings).frames
+        # as a user writing the video holds it: each decoded chunk handed on and dropped (kept: one mean per frame)
+        return np.concatenate([c.mean(axis=(1, 2, 3)) for c in pipe.iter_clips(image, audio, **settings)])
+
+    if args.stream:
+        result, _ = measure(call, counted, lambda v: v)
+        return result
     result, frames = measure(call, counted, lambda v: np.asarray(v).transpose(0, 3, 1, 2))
     reference_frames = work / f"frames_echomimic_{args.seconds}.npy"
     if reference_frames.exists():
@@ -327,6 +335,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--audio-seconds", type=float, nargs="+", default=[1.0, 3.0])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--decode-chunk-size", type=int, default=1)
+    parser.add_argument(
+        "--sides", nargs="+", choices=["echomimic", "parity", "fast"], default=["echomimic", "parity", "fast"]
+    )
+    parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="ours streams the decoded frames (iter_clips) as writing a video does, for the memory comparison "
+        "(no frame difference then)",
+    )
     parser.add_argument("--work", default="/tmp/peers_echomimic")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks/results/peers_echomimic.json")
     parser.add_argument("--worker", choices=["echomimic", "parity", "fast"], help=argparse.SUPPRESS)
@@ -351,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         str(args.guidance_scale),
         "--decode-chunk-size",
         str(args.decode_chunk_size),
+        *(["--stream"] if args.stream else []),
         "--work",
         args.work,
     ]
@@ -358,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for repeat in range(args.repeats):
         for seconds in args.audio_seconds:
-            for side in ("echomimic", "parity", "fast"):
+            for side in args.sides:
                 python = args.echomimic_python if side == "echomimic" else sys.executable
                 command = [python, __file__, *common, "--worker", side, "--seconds", str(seconds)]
                 done = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -372,24 +390,29 @@ def main(argv: list[str] | None = None) -> int:
     summary = {}
     for seconds in args.audio_seconds:
         by_side = {}
-        for side in ("echomimic", "parity", "fast"):
+        for side in args.sides:
             chosen = [r for r in runs if r["side"] == side and r["audio_seconds"] == seconds]
             by_side[side] = {
                 "s_per_frame": round(float(np.mean([r["s_per_frame"] for r in chosen])), 3),
+                "cpu_s_per_frame": round(float(np.mean([r["cpu_s_per_frame"] for r in chosen])), 3),
                 "frame_evaluations_per_frame": chosen[0]["frame_evaluations_per_frame"],
                 "peak_above_start_mb": max(r["peak_above_start_mb"] for r in chosen),
                 "max_abs_diff_to_echomimic": max(r.get("max_abs_diff_to_echomimic", 0.0) for r in chosen),
             }
-        for side in ("parity", "fast"):
-            by_side[side]["time_ratio_to_echomimic"] = round(
-                by_side[side]["s_per_frame"] / by_side["echomimic"]["s_per_frame"], 3
-            )
+        for side in [side for side in args.sides if side != "echomimic"]:
+            for key, ratio in (("s_per_frame", "time_ratio"), ("cpu_s_per_frame", "cpu_time_ratio")):
+                by_side[side][f"{ratio}_to_echomimic"] = round(by_side[side][key] / by_side["echomimic"][key], 3)
         summary[str(seconds)] = by_side
     lo, hi = (str(s) for s in (min(args.audio_seconds), max(args.audio_seconds)))
     growth = {
         side: round(summary[hi][side]["peak_above_start_mb"] - summary[lo][side]["peak_above_start_mb"], 1)
-        for side in ("echomimic", "parity", "fast")
+        for side in args.sides
     }
+    if "echomimic" in growth and growth["echomimic"] > 0:
+        shares = {
+            f"{k}_share_of_echomimic": round(v / growth["echomimic"], 3) for k, v in growth.items() if k != "echomimic"
+        }
+        growth.update(shares)
     result = {
         "what": __doc__.split("\n\n")[0],
         "settings": {
