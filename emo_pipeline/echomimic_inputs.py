@@ -214,7 +214,8 @@ def whisper_features(audio, encoder) -> torch.Tensor:
 
     The mel (normalised over the whole track) is cut in 30 s segments, each zero-padded to 3000 mel frames (the
     mel is padded, not the audio), encoded, and the first `int(frames / 2)` steps of each kept. Memory: one segment
-    at a time plus the features (30 KB per second of audio for whisper-tiny, fp32).
+    at a time plus the features (whisper-tiny: 50 x 5 x 384 fp32 values, 384 KB per second of audio) and the
+    track's mel (80 x 100 fp32 values, 32 KB per second).
     """
     mel = whisper_log_mel(audio)
     parts = []
