@@ -26,7 +26,7 @@ from emo_pipeline.models.attention import ReferenceFeatures
 from emo_pipeline.models.backbone import EMOUNet3DConditionModel
 from emo_pipeline.models.face_locator import controlnet_face_locator_key
 from emo_pipeline.models.reference_net import ReferenceNet
-from emo_pipeline.models.utils import quiet_diffusers
+from emo_pipeline.models.utils import ZERO_SNR_V_PREDICTION_SCHEDULER, quiet_diffusers
 
 __all__ = [
     "ECHOMIMIC_VARIANTS",
@@ -87,16 +87,7 @@ ECHOMIMIC_VARIANTS = {
         "acc": True,
     },
 }
-SCHEDULER_CONFIG = {  # configs/inference/inference_v2.yaml noise_scheduler_kwargs
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "linear",
-    "clip_sample": False,
-    "steps_offset": 1,
-    "prediction_type": "v_prediction",
-    "rescale_betas_zero_snr": True,
-    "timestep_spacing": "trailing",
-}
+SCHEDULER_CONFIG = ZERO_SNR_V_PREDICTION_SCHEDULER  # configs/inference/inference_v2.yaml noise_scheduler_kwargs
 
 
 def echomimic_scheduler(acc: bool = False, **overrides) -> DDIMScheduler:

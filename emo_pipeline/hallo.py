@@ -44,7 +44,7 @@ from emo_pipeline.models.backbone import EMOUNet3DConditionModel
 from emo_pipeline.models.face_locator import controlnet_face_locator_key
 from emo_pipeline.models.identity import IdentityProjection
 from emo_pipeline.models.reference_net import ReferenceNet
-from emo_pipeline.models.utils import quiet_diffusers
+from emo_pipeline.models.utils import ZERO_SNR_V_PREDICTION_SCHEDULER, quiet_diffusers
 
 __all__ = [
     "HALLO_MODES",
@@ -335,17 +335,7 @@ HALLO_VAE_SCALE = 0.18215  # Hallo hard-codes SD's factor (face_animate.py), not
 
 def hallo_scheduler(**overrides) -> DDIMScheduler:
     """Hallo's sampler (configs/inference/default.yaml + inference.py:185-192): DDIM, v-prediction, zero-SNR."""
-    config = {
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "beta_schedule": "linear",
-        "clip_sample": False,
-        "steps_offset": 1,
-        "prediction_type": "v_prediction",
-        "rescale_betas_zero_snr": True,
-        "timestep_spacing": "trailing",
-    }
-    return DDIMScheduler(**{**config, **overrides})
+    return DDIMScheduler(**{**ZERO_SNR_V_PREDICTION_SCHEDULER, **overrides})
 
 
 HALLO_MODES = ("fast", "parity")

@@ -9,7 +9,20 @@ from collections.abc import Iterator
 import torch
 from diffusers.utils import logging as diffusers_logging
 
-__all__ = ["extend_init_signature", "quiet_diffusers", "to_like"]
+__all__ = ["ZERO_SNR_V_PREDICTION_SCHEDULER", "extend_init_signature", "quiet_diffusers", "to_like"]
+
+#: The DDIM settings Hallo's and EchoMimic's inference configs share (both trained after Moore-AnimateAnyone):
+#: SD's betas, v-prediction, zero terminal SNR, trailing timesteps.
+ZERO_SNR_V_PREDICTION_SCHEDULER = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "linear",
+    "clip_sample": False,
+    "steps_offset": 1,
+    "prediction_type": "v_prediction",
+    "rescale_betas_zero_snr": True,
+    "timestep_spacing": "trailing",
+}
 
 
 def extend_init_signature(base_init, **extra_defaults) -> inspect.Signature:
