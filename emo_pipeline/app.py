@@ -151,136 +151,98 @@ def generate(
     stop = holder.gate.enter(session, holder)  # waits while another generation still runs on this pipeline
     outcome = "failed"
     try:
-        yield from _generate(
-            holder,
-            workdir,
-            image,
-            audio,
-            model,
-            steps,
-            guidance_scale,
-            seed,
-            size,
-            speed_value,
-            scheduler,
-            progress,
-            stop,
-            c2pa_signer,
-            face_analysis_dir,
-        )
+        import torch
+
+        from emo_pipeline.media import VideoWriter
+        from emo_pipeline.provenance import ingredient, manifest_definition, model_claim
+        from emo_pipeline.watermark import AI_GENERATED_METADATA
+
+        pipe = holder.get(model)
+        pipe.scheduler = holder.default_scheduler
+        if scheduler and scheduler != MODEL_DEFAULT_SCHEDULER:
+            pipe.set_scheduler(scheduler)
+
+        def on_step(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
+            if stop.is_set():
+                raise JobStopped(f"stopped at clip {pipe.clip_index + 1}, step {step + 1}")
+            if progress is not None:
+                num_clips = pipe.last_plan.num_clips
+                done = pipe.clip_index * steps + step + 1
+                progress(
+                    (done, num_clips * steps), desc=f"clip {pipe.clip_index + 1}/{num_clips}, step {step + 1}/{steps}"
+                )
+            return {}
+
+        job = Path(tempfile.mkdtemp(prefix="job-", dir=workdir))
+        completed = False
+        try:
+            clips = pipe.iter_clips(
+                image,
+                audio,
+                height=size,
+                width=size,
+                fps=fps,
+                num_inference_steps=steps,
+                guidance_scale=float(guidance_scale),
+                speed=speed_value,
+                generator=torch.Generator().manual_seed(seed),
+                callback_on_step_end=on_step,
+                **(
+                    {"face_analysis_dir": face_analysis_dir.strip()}
+                    if face_analysis_dir and face_analysis_dir.strip()
+                    else {}
+                ),
+            )
+            plan = pipe.last_plan
+            final = job / "emo.mp4"
+            preview = None
+            written = 0
+            manifest = None
+            if c2pa_signer is not None:
+                manifest = manifest_definition(
+                    final.name,
+                    model=model_claim(getattr(pipe, "emo_metadata", None)),
+                    ingredients=[
+                        ingredient(image, "portrait", Path(image).name),
+                        ingredient(audio, "audio", Path(audio).name),
+                    ],
+                )
+            with VideoWriter(
+                final,
+                fps=fps,
+                audio=plan.audio,
+                sample_rate=SAMPLE_RATE,
+                metadata=AI_GENERATED_METADATA,
+                c2pa_signer=c2pa_signer,
+                c2pa_manifest=manifest,
+            ) as writer:
+                for index, frames in enumerate(clips):
+                    if stop.is_set():  # stopped while the clip was decoded: write nothing more
+                        raise JobStopped(f"stopped after clip {index + 1}")
+                    writer.write(frames)
+                    preview = job / f"clip-{index + 1:04d}.mp4"
+                    _write_clip_preview(preview, frames, plan.audio, fps, written, c2pa_signer, manifest)
+                    written += len(frames)
+                    yield str(preview), None, None, f"Clip {index + 1} of {plan.num_clips} done ({written} frames)."
+            completed = True
+            status = (
+                f"Done: {plan.num_frames} frames, {plan.num_frames / fps:.2f} s at {fps:g} fps, "
+                f"{plan.num_clips} clips. The video carries an invisible watermark and an AI-generated tag."
+            )
+            if holder.loaded_model is None:
+                status += " Random demo weights: the video is noise."
+            yield str(preview), str(final), str(final), status
+        finally:
+            # Gradio has copied what it shows into its own cache by now; a stopped job leaves nothing behind.
+            shutil.rmtree(job, ignore_errors=True)
+            if not completed:
+                logger.info("job did not finish (stopped or failed): its files were removed")
         outcome = "finished"
     except (JobStopped, GeneratorExit):
         outcome = "stopped"
         raise
     finally:
         holder.gate.leave(session, outcome)
-
-
-def _generate(
-    holder,
-    workdir,
-    image,
-    audio,
-    model,
-    steps,
-    guidance_scale,
-    seed,
-    size,
-    speed_value,
-    scheduler,
-    progress,
-    stop,
-    c2pa_signer,
-    face_analysis_dir,
-):
-    """The body of `generate`, run while holding the pipeline (see there)."""
-    import torch
-
-    from emo_pipeline.media import VideoWriter
-    from emo_pipeline.provenance import ingredient, manifest_definition, model_claim
-    from emo_pipeline.watermark import AI_GENERATED_METADATA
-
-    fps = 25.0
-    pipe = holder.get(model)
-    pipe.scheduler = holder.default_scheduler
-    if scheduler and scheduler != MODEL_DEFAULT_SCHEDULER:
-        pipe.set_scheduler(scheduler)
-
-    def on_step(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
-        if stop.is_set():
-            raise JobStopped(f"stopped at clip {pipe.clip_index + 1}, step {step + 1}")
-        if progress is not None:
-            num_clips = pipe.last_plan.num_clips
-            done = pipe.clip_index * steps + step + 1
-            progress(
-                (done, num_clips * steps), desc=f"clip {pipe.clip_index + 1}/{num_clips}, step {step + 1}/{steps}"
-            )
-        return {}
-
-    job = Path(tempfile.mkdtemp(prefix="job-", dir=workdir))
-    completed = False
-    try:
-        clips = pipe.iter_clips(
-            image,
-            audio,
-            height=size,
-            width=size,
-            fps=fps,
-            num_inference_steps=steps,
-            guidance_scale=float(guidance_scale),
-            speed=speed_value,
-            generator=torch.Generator().manual_seed(seed),
-            callback_on_step_end=on_step,
-            **(
-                {"face_analysis_dir": face_analysis_dir.strip()}
-                if face_analysis_dir and face_analysis_dir.strip()
-                else {}
-            ),
-        )
-        plan = pipe.last_plan
-        final = job / "emo.mp4"
-        preview = None
-        written = 0
-        manifest = None
-        if c2pa_signer is not None:
-            manifest = manifest_definition(
-                final.name,
-                model=model_claim(getattr(pipe, "emo_metadata", None)),
-                ingredients=[
-                    ingredient(image, "portrait", Path(image).name),
-                    ingredient(audio, "audio", Path(audio).name),
-                ],
-            )
-        with VideoWriter(
-            final,
-            fps=fps,
-            audio=plan.audio,
-            sample_rate=SAMPLE_RATE,
-            metadata=AI_GENERATED_METADATA,
-            c2pa_signer=c2pa_signer,
-            c2pa_manifest=manifest,
-        ) as writer:
-            for index, frames in enumerate(clips):
-                if stop.is_set():  # stopped while the clip was decoded: write nothing more
-                    raise JobStopped(f"stopped after clip {index + 1}")
-                writer.write(frames)
-                preview = job / f"clip-{index + 1:04d}.mp4"
-                _write_clip_preview(preview, frames, plan.audio, fps, written, c2pa_signer, manifest)
-                written += len(frames)
-                yield str(preview), None, None, f"Clip {index + 1} of {plan.num_clips} done ({written} frames)."
-        completed = True
-        status = (
-            f"Done: {plan.num_frames} frames, {plan.num_frames / fps:.2f} s at {fps:g} fps, {plan.num_clips} clips. "
-            "The video carries an invisible watermark and an AI-generated tag."
-        )
-        if holder.loaded_model is None:
-            status += " Random demo weights: the video is noise."
-        yield str(preview), str(final), str(final), status
-    finally:
-        # Gradio has copied what it shows into its own cache by now; a stopped job leaves nothing behind.
-        shutil.rmtree(job, ignore_errors=True)
-        if not completed:
-            logger.info("job did not finish (stopped or failed): its files were removed")
 
 
 def _user_paths(message: str, *uploads: str | None) -> str:
