@@ -80,19 +80,7 @@ def _generate_and_evaluate(args: argparse.Namespace, metrics: tuple[str, ...]) -
         manifest.write_text(
             "".join(json.dumps({"image": j.image, "audio": j.audio, "output": j.output}) + "\n" for j in own)
         )
-        result = evaluate(
-            manifest,
-            folder,
-            reference=args.reference,
-            metrics=metrics,
-            weights_dir=args.weights,
-            device=args.device,
-            download=not args.no_download,
-            progress=not args.no_progress,
-            title=f"emo-evaluate: {model}",
-            fid_stride=args.fid_stride,
-            fid_dims=args.fid_dims,
-        )
+        result = evaluate(manifest, folder, metrics=metrics, title=f"emo-evaluate: {model}", **_evaluate_options(args))
         result.update(label=model, output=str(folder))
         runs.append(result)
         labels.append(model)
@@ -101,6 +89,19 @@ def _generate_and_evaluate(args: argparse.Namespace, metrics: tuple[str, ...]) -
         report = write_report(output, runs, labels)
         print(f"wrote {output / 'results.json'} and {report}")
     return 1 if failed else 0
+
+
+def _evaluate_options(args: argparse.Namespace) -> dict:
+    """`evaluate`'s keyword arguments from the command line, shared by both ways of running it."""
+    return {
+        "reference": args.reference,
+        "weights_dir": args.weights,
+        "device": args.device,
+        "download": not args.no_download,
+        "progress": not args.no_progress,
+        "fid_stride": args.fid_stride,
+        "fid_dims": args.fid_dims,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,18 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             return _generate_and_evaluate(args, metrics)
         if not args.generated:
             parser.error("give --generated (videos to evaluate), or --model and --manifest (generate first)")
-        results = evaluate(
-            args.generated,
-            args.output,
-            reference=args.reference,
-            metrics=metrics,
-            weights_dir=args.weights,
-            device=args.device,
-            download=not args.no_download,
-            progress=not args.no_progress,
-            fid_stride=args.fid_stride,
-            fid_dims=args.fid_dims,
-        )
+        results = evaluate(args.generated, args.output, metrics=metrics, **_evaluate_options(args))
     except EMOInputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
