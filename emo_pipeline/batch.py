@@ -59,6 +59,15 @@ class Job:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
+def _say(line: str, stream: Any = None) -> None:
+    """Write `line` and its newline in one write, flushed: the processes of a batch share one output pipe, and
+    `print` writes the text and the newline separately when unbuffered (as under torchrun), so two processes' lines
+    could interleave ("a.mp4[rank 1] wrote c.mp4")."""
+    stream = sys.stdout if stream is None else stream
+    stream.write(line + "\n")
+    stream.flush()
+
+
 def _convert(value: Any, kind: type, column: str, where: str) -> Any:
     if kind is str:
         return str(value)
@@ -231,7 +240,7 @@ def run_batch(
         record = {"line": job.line, "image": job.image, "audio": job.audio, "output": job.output, "reason": reason}
         _append_line(failures_file, record)
         results.append({**record, "status": "failed"})
-        print(f"{label}failed: line {job.line} -> {job.output}: {reason}", file=sys.stderr, flush=True)
+        _say(f"{label}failed: line {job.line} -> {job.output}: {reason}", sys.stderr)
 
     with state.split_between_processes(pending) as mine:
         ready = []
@@ -313,7 +322,7 @@ def run_batch(
                 continue
             bar.close()
             results.append({"line": job.line, "output": job.output, "status": "written"})
-            print(f"{label}wrote {job.output}", flush=True)
+            _say(f"{label}wrote {job.output}")
 
     everything = results
     if state.num_processes > 1:

@@ -197,3 +197,23 @@ def test_a_model_that_fails_to_load_in_one_process_ends_every_process_with_the_e
     errors = re.findall(r"error: \[rank 0\] cannot load the model: .*no-such-model", result.stderr)
     assert len(errors) == 2, result.stderr  # printed by both processes
     assert not (tmp_path / "a.mp4").exists() and not (tmp_path / "b.mp4").exists()
+
+
+def test_a_progress_line_is_one_write_so_processes_do_not_interleave():
+    """The processes of a batch share one pipe; with unbuffered output (torchrun) `print` wrote the text and the
+    newline in two writes, and another process's line could land between them ("a.mp4[rank 1] wrote ...")."""
+    from emo_pipeline.batch import _say
+
+    class Recording:
+        def __init__(self):
+            self.writes = []
+
+        def write(self, text):
+            self.writes.append(text)
+
+        def flush(self):
+            self.writes.append(None)
+
+    stream = Recording()
+    _say("[rank 0] wrote a.mp4", stream)
+    assert stream.writes == ["[rank 0] wrote a.mp4\n", None]
